@@ -1,0 +1,1 @@
+"""The message bus on Redis Streams: keys, codecs, producer, consumer groups, dead letters."""

@@ -1,0 +1,60 @@
+"""Finding work that a crashed consumer left behind.
+
+No lock is needed: ``XCLAIM`` with a min-idle time succeeds for only one claimer, because the
+claim itself resets the idle time. Owners keep their live entries' idle time low (see
+``consumer``), so only entries of dead or wedged consumers reach ``min_idle_ms``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from plugind.bus.codec import text
+from plugind.bus.emit import Delivery
+
+
+@dataclass(slots=True)
+class Reclaimed:
+    run: list[Delivery] = field(default_factory=list)
+    dead: list[Delivery] = field(default_factory=list)
+
+
+async def reclaim_once(
+    redis: aioredis.Redis,
+    *,
+    stream: str,
+    group: str,
+    consumer: str,
+    in_flight: set[str],
+    min_idle_ms: int,
+    max_deliveries: int,
+    limit: int,
+) -> Reclaimed:
+    """Claim up to ``limit`` stale entries; those delivered ``max_deliveries`` times go to ``dead``.
+
+    Deliveries are counted as Redis counts them: the claim here is one more delivery.
+    """
+    out = Reclaimed()
+    if limit <= 0:
+        return out
+    pending: list[dict[str, Any]] = await redis.xpending_range(
+        stream, group, min="-", max="+", count=limit, idle=min_idle_ms
+    )
+    for item in pending:
+        entry_id = text(item["message_id"])
+        if entry_id in in_flight:
+            continue  # ours and running: not stale, merely slow
+        deliveries = int(item["times_delivered"])
+        claimed: list[Any] = await redis.xclaim(stream, group, consumer, min_idle_ms, [entry_id])
+        if not claimed:
+            continue  # someone else claimed it first
+        claimed_id, fields = claimed[0]
+        delivery = Delivery(stream, text(claimed_id), dict(fields or {}), deliveries + 1)
+        if deliveries >= max_deliveries:
+            out.dead.append(delivery)
+        else:
+            out.run.append(delivery)
+    return out

@@ -1,0 +1,85 @@
+"""What the client commands share: finding the daemon's services, printing results."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import orjson
+
+from plugind.config import Settings
+from plugind.messages import AnyEvent, TaskFailed, TaskSucceeded, TaskTimedOut, encode
+
+
+class CliError(Exception):
+    """The operation failed; the message goes to stderr and the exit code is ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def service_urls(settings: Settings) -> tuple[str, str | None]:
+    """``(redis_url, database_url)``: from the environment, else the running embedded daemon's."""
+    redis_url, database_url = settings.redis_url, settings.database_url
+    if redis_url is None or database_url is None:
+        from plugind.embedded import read_runtime_file
+
+        found = read_runtime_file(settings.embedded_dir)
+        if found is not None:
+            redis_url = redis_url or found.redis_url
+            database_url = database_url or found.database_url
+    if redis_url is None:
+        raise CliError(
+            "REDIS_URL is not set and no embedded daemon is running here "
+            f"(no {settings.embedded_dir}/runtime.json); start one with `plugind serve`"
+        )
+    return redis_url, database_url
+
+
+def parse_params(items: list[str], what: str = "parameter") -> dict[str, Any]:
+    """``key=value`` pairs; a value is JSON when it parses as JSON (``2``, ``true``), else text."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"{what} {item!r} is not key=value", exit_code=2)
+        try:
+            out[key] = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def print_event(event: AnyEvent, *, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(encode(event).decode() + "\n")
+        return
+    if isinstance(event, TaskSucceeded):
+        for chunk in event.result.chunks:
+            sys.stdout.write(render_chunk(chunk) + "\n")
+        return
+    summary = orjson.dumps(
+        {k: v for k, v in orjson.loads(encode(event)).items() if k not in ("v", "node", "event_id")}
+    ).decode()
+    sys.stdout.write(summary + "\n")
+
+
+def render_chunk(chunk: Any) -> str:
+    """A tool message as a person wants to read it: text as text, JSON as JSON."""
+    if isinstance(chunk, dict):
+        kind, message = chunk.get("type"), chunk.get("message")
+        if isinstance(message, dict):
+            if kind in ("text", "link", "image") and isinstance(message.get("text"), str):
+                return str(message["text"])
+            if kind == "json" and "json_object" in message:
+                return orjson.dumps(message["json_object"]).decode()
+    return orjson.dumps(chunk).decode()
+
+
+def failed(event: AnyEvent) -> bool:
+    return isinstance(event, TaskFailed | TaskTimedOut) or event.__struct_config__.tag in (
+        "plugin.install_failed",
+        "command.rejected",
+        "command.dead_lettered",
+    )

@@ -1,0 +1,174 @@
+"""Settings from the environment, validated once at start.
+
+A bad value stops the daemon with one line naming the variable (DESIGN §9), because a daemon that
+starts with a half-understood configuration fails later, far from the cause.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARN", "WARNING", "ERROR")
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or has a bad value; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    redis_url: str | None = None
+    database_url: str | None = None
+    log_level: str = "INFO"
+    log_format: str = "text"
+    plugin_dir: Path = Path(".plugind/plugins")
+    embedded_dir: Path = Path(".plugind")
+    worker_count: int = 4
+    install_concurrency: int = 2
+    task_timeout: float = 60.0
+    install_timeout: float = 600.0
+    max_package_size: int = 50 * 1024 * 1024
+    max_result_size: int = 16 * 1024 * 1024
+    plugin_instances: int = 1
+    namespace: str = "plugind"
+    max_deliveries: int = 5
+    dedupe_ttl: int = 24 * 3600
+    reclaim_grace: float = 30.0
+    http_port: int = 5002
+    gateway_port: int = 5003
+    http_host: str = "0.0.0.0"
+    api_key: str | None = None
+    dify_api_url: str | None = None
+    dify_inner_api_key: str | None = None
+    plugin_python: str | None = None
+    plugin_pip_index_url: str | None = None
+    plugin_offline: bool = False
+    node: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+
+    @property
+    def embedded(self) -> bool:
+        return self.redis_url is None or self.database_url is None
+
+
+def _int(name: str, raw: str, *, low: int, high: int) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _float(name: str, raw: str, *, low: float, high: float) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not low < value <= high:
+        raise ConfigError(f"{name} must be greater than {low} and at most {high}, got {value}")
+    return value
+
+
+def _bool(name: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
+    if not raw.startswith(tuple(f"{s}://" for s in schemes)):
+        raise ConfigError(f"{name} must start with one of {', '.join(s + '://' for s in schemes)}")
+    return raw
+
+
+def _choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
+    value = raw.strip().upper() if name == "LOG_LEVEL" else raw.strip().lower()
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return value
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read :class:`Settings` from ``env`` (default ``os.environ``); raises :class:`ConfigError`."""
+    env = os.environ if env is None else env
+    values: dict[str, object] = {}
+
+    def take(name: str, key: str, parse: Callable[[str, str], T]) -> None:
+        raw = env.get(name)
+        if raw is not None and raw != "":
+            values[key] = parse(name, raw)
+
+    take("REDIS_URL", "redis_url", lambda n, r: _url(n, r, ("redis", "rediss", "unix")))
+    take("DATABASE_URL", "database_url", lambda n, r: _url(n, r, ("postgres", "postgresql")))
+    take("LOG_LEVEL", "log_level", lambda n, r: _choice(n, r, LOG_LEVELS))
+    take("LOG_FORMAT", "log_format", lambda n, r: _choice(n, r, ("text", "json")))
+    take("PLUGIN_DIR", "plugin_dir", lambda n, r: Path(r))
+    take("PLUGIND_DATA_DIR", "embedded_dir", lambda n, r: Path(r))
+    take("PLUGIN_WORKER_COUNT", "worker_count", lambda n, r: _int(n, r, low=1, high=4096))
+    take(
+        "PLUGIN_INSTALL_CONCURRENCY",
+        "install_concurrency",
+        lambda n, r: _int(n, r, low=1, high=64),
+    )
+    take("PLUGIN_TASK_TIMEOUT", "task_timeout", lambda n, r: _float(n, r, low=0, high=86_400))
+    take("PLUGIN_INSTALL_TIMEOUT", "install_timeout", lambda n, r: _float(n, r, low=0, high=86_400))
+    take(
+        "PLUGIN_MAX_PACKAGE_SIZE",
+        "max_package_size",
+        lambda n, r: _int(n, r, low=1024, high=2**34),
+    )
+    take(
+        "PLUGIN_MAX_RESULT_SIZE",
+        "max_result_size",
+        lambda n, r: _int(n, r, low=1024, high=2**31),
+    )
+    take("PLUGIN_INSTANCES", "plugin_instances", lambda n, r: _int(n, r, low=1, high=64))
+    take("PLUGIND_NAMESPACE", "namespace", _namespace)
+    take("PLUGIND_MAX_DELIVERIES", "max_deliveries", lambda n, r: _int(n, r, low=1, high=1000))
+    take("PLUGIND_DEDUPE_TTL", "dedupe_ttl", lambda n, r: _int(n, r, low=60, high=90 * 86_400))
+    take(
+        "PLUGIND_RECLAIM_GRACE",
+        "reclaim_grace",
+        lambda n, r: _float(n, r, low=0, high=86_400),
+    )
+    take("PLUGIND_HTTP_PORT", "http_port", lambda n, r: _int(n, r, low=0, high=65_535))
+    take("PLUGIND_GATEWAY_PORT", "gateway_port", lambda n, r: _int(n, r, low=0, high=65_535))
+    take("PLUGIND_HTTP_HOST", "http_host", lambda n, r: r)
+    take("PLUGIND_API_KEY", "api_key", lambda n, r: r)
+    take("DIFY_API_URL", "dify_api_url", lambda n, r: _url(n, r, ("http", "https")))
+    take("DIFY_INNER_API_KEY", "dify_inner_api_key", lambda n, r: r)
+    take("PLUGIN_PYTHON", "plugin_python", lambda n, r: r)
+    take(
+        "PLUGIN_PIP_INDEX_URL",
+        "plugin_pip_index_url",
+        lambda n, r: _url(n, r, ("http", "https", "file")),
+    )
+    take("PLUGIN_OFFLINE", "plugin_offline", _bool)
+    take("PLUGIND_NODE", "node", lambda n, r: r)
+    if "plugin_dir" not in values and "embedded_dir" in values:
+        values["plugin_dir"] = Path(str(values["embedded_dir"])) / "plugins"
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def _namespace(name: str, raw: str) -> str:
+    if not _NAMESPACE_RE.match(raw) or "{" in raw or "}" in raw:
+        raise ConfigError(f"{name} must be 1-64 letters, digits or _ . : -, got {raw!r}")
+    return raw
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, for logs."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)

@@ -1,0 +1,299 @@
+"""The daemon: connect, migrate, then run the roles in one task group until told to stop.
+
+Shutdown (SIGTERM, SIGINT or :meth:`Daemon.stop`) first stops the consumers from reading, lets
+in-flight work finish within ``shutdown_grace_s``, leaves the rest pending for another consumer,
+then stops the projector and the HTTP servers, and finally the plugin processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import asyncpg
+import redis.asyncio as aioredis
+import uvicorn
+from anyio.abc import TaskGroup, TaskStatus
+from starlette.types import ASGIApp
+
+from plugind import __version__
+from plugind.bus.consumer import StreamConsumer, ensure_group
+from plugind.bus.emit import Emitter
+from plugind.bus.keys import WORKERS_GROUP, Keys
+from plugind.config import ConfigError, Settings, mask_url
+from plugind.handlers.context import HandlerContext
+from plugind.handlers.dispatch import Dispatcher
+from plugind.handlers.local_plugins import LocalPlugins
+from plugind.handlers.registry import Registry
+from plugind.messages import EventFactory
+from plugind.projections.migrate import migrate
+from plugind.projections.projector import Projector
+from plugind.runtime.pool import PluginPool
+
+log = logging.getLogger("plugind")
+
+ALL_ROLES = ("worker", "projector", "api", "gateway")
+MIN_REDIS = (6, 2)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the daemon owns shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@dataclass
+class Daemon:
+    settings: Settings
+    roles: tuple[str, ...] = ALL_ROLES
+    shutdown_grace_s: float = 30.0
+    handle_signals: bool = True
+    redis: aioredis.Redis | None = None
+    db: asyncpg.Pool | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+    consumers: list[StreamConsumer] = field(default_factory=list)
+    plugins: PluginPool | None = None
+    _stop: anyio.Event = field(default_factory=anyio.Event)
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.settings.namespace)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, *, task_status: TaskStatus[Daemon] = anyio.TASK_STATUS_IGNORED) -> None:
+        settings = self.settings
+        for role in self.roles:
+            if role not in ALL_ROLES:
+                raise ConfigError(f"--role: unknown role {role!r} (roles: {', '.join(ALL_ROLES)})")
+        async with contextlib.AsyncExitStack() as stack:
+            redis_url, database_url = await self._service_urls(stack)
+            self.redis = await _connect_redis(redis_url)
+            stack.push_async_callback(self.redis.aclose)
+            self.db = await _connect_postgres(database_url)
+            stack.push_async_callback(self.db.close)
+            async with self.db.acquire() as conn:
+                applied = await migrate(conn)
+            if applied:
+                log.info("Applied database migrations: %s", ", ".join(applied))
+            self.plugins = PluginPool(
+                instances=settings.plugin_instances,
+                base_env=_plugin_env(settings),
+                max_result_size=settings.max_result_size,
+            )
+            stack.push_async_callback(_shielded, self.plugins.aclose)
+            async with anyio.create_task_group() as tg:
+                if self.handle_signals:
+                    tg.start_soon(self._watch_signals)
+                servers = await self._start_roles(tg)
+                self._log_started()
+                task_status.started(self)
+                await self._stop.wait()
+                log.info(
+                    "Shutting down: no new commands; in-flight work gets %.0fs",
+                    self.shutdown_grace_s,
+                )
+                for consumer in self.consumers:
+                    consumer.stop()
+                with anyio.move_on_after(self.shutdown_grace_s + 5):
+                    while any(c.in_flight for c in self.consumers):
+                        await anyio.sleep(0.05)
+                for server in servers:
+                    server.should_exit = True
+                with anyio.move_on_after(5):
+                    while any(s.started for s in servers):
+                        await anyio.sleep(0.05)
+                tg.cancel_scope.cancel()
+        log.info("Plugin daemon stopped")
+
+    async def _service_urls(self, stack: contextlib.AsyncExitStack) -> tuple[str, str]:
+        settings = self.settings
+        redis_url, database_url = settings.redis_url, settings.database_url
+        if redis_url is None or database_url is None:
+            from plugind.embedded import embedded_services
+
+            urls = await stack.enter_async_context(
+                embedded_services(
+                    settings.embedded_dir, redis=redis_url is None, postgres=database_url is None
+                )
+            )
+            redis_url = redis_url or urls.redis_url
+            database_url = database_url or urls.database_url
+        assert redis_url is not None and database_url is not None
+        return redis_url, database_url
+
+    async def _start_roles(self, tg: TaskGroup) -> list[_Server]:
+        settings, keys = self.settings, self.keys
+        assert self.redis is not None and self.db is not None and self.plugins is not None
+        servers: list[_Server] = []
+        if "worker" in self.roles:
+            dispatcher = Dispatcher(self._handler_context())
+            limits = {
+                keys.install: (settings.install_concurrency, settings.install_timeout),
+                keys.tasks: (settings.worker_count, settings.task_timeout),
+            }
+            for stream, (concurrency, timeout) in limits.items():
+                consumer = StreamConsumer(
+                    self.redis,
+                    stream=stream,
+                    group=WORKERS_GROUP,
+                    consumer=settings.node,
+                    handler=dispatcher,
+                    concurrency=concurrency,
+                    reclaim_idle_s=timeout + settings.reclaim_grace,
+                    max_deliveries=settings.max_deliveries,
+                    on_dead=dispatcher.dead_letter,
+                )
+                self.consumers.append(consumer)
+                await tg.start(_run_consumer, consumer, self.shutdown_grace_s)
+        else:
+            for stream in keys.command_streams:
+                await ensure_group(self.redis, stream, WORKERS_GROUP)
+        if "projector" in self.roles:
+            projector = Projector(self.redis, self.db, keys, settings.node)
+            tg.start_soon(projector.run)
+        if "api" in self.roles:
+            from plugind.http.read_api import create_read_app
+
+            app = create_read_app(redis=self.redis, pool=self.db, keys=keys, version=__version__)
+            servers.append(await self._serve(tg, "api", app, settings.http_port))
+        if "gateway" in self.roles:
+            if settings.api_key:
+                from plugind.http.gateway import create_gateway_app
+
+                app = create_gateway_app(
+                    redis=self.redis, pool=self.db, keys=keys, settings=settings
+                )
+                servers.append(await self._serve(tg, "gateway", app, settings.gateway_port))
+            elif "gateway" in self.roles and self.roles != ALL_ROLES:
+                raise ConfigError("PLUGIND_API_KEY must be set to run the gateway role")
+            else:
+                log.warning("Write gateway not started: PLUGIND_API_KEY is not set")
+        return servers
+
+    def _handler_context(self) -> HandlerContext:
+        settings, keys = self.settings, self.keys
+        assert self.redis is not None and self.db is not None and self.plugins is not None
+        return HandlerContext(
+            settings=settings,
+            redis=self.redis,
+            db=self.db,
+            keys=keys,
+            emitter=Emitter(self.redis, keys, dedupe_ttl=settings.dedupe_ttl),
+            events=EventFactory(settings.node),
+            registry=Registry(self.redis, keys, self.db),
+            local=LocalPlugins(settings, self.db),
+            plugins=self.plugins,
+        )
+
+    async def _serve(self, tg: TaskGroup, role: str, app: ASGIApp, port: int) -> _Server:
+        config = uvicorn.Config(
+            app,
+            host=self.settings.http_host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+        server = _Server(config)
+        tg.start_soon(server.serve)
+        with anyio.fail_after(10):
+            while not server.started:
+                if server.should_exit:
+                    raise ConfigError(f"{role}: could not listen on port {port}")
+                await anyio.sleep(0.01)
+        self.ports[role] = server.servers[0].sockets[0].getsockname()[1]
+        return server
+
+    def _log_started(self) -> None:
+        ports = sorted(self.ports.values())
+        where = (
+            f" on ports {ports[0]}-{ports[-1]}"
+            if len(ports) > 1
+            else f" on port {ports[0]}"
+            if ports
+            else ""
+        )
+        log.info(
+            "Plugin daemon started successfully%s (roles: %s, node: %s, namespace: %s)",
+            where,
+            ",".join(self.roles),
+            self.settings.node,
+            self.settings.namespace,
+        )
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("Received %s", signal.Signals(signum).name)
+                if self._stop.is_set():
+                    raise KeyboardInterrupt  # second signal: stop now
+                self.stop()
+
+
+async def _run_consumer(
+    consumer: StreamConsumer, grace_s: float, *, task_status: TaskStatus[None]
+) -> None:
+    await consumer.run(grace_s=grace_s, task_status=task_status)
+
+
+async def _shielded(close: Any) -> None:
+    with anyio.CancelScope(shield=True), anyio.move_on_after(15):
+        await close()
+
+
+async def _connect_redis(url: str) -> aioredis.Redis:
+    client: aioredis.Redis = aioredis.Redis.from_url(
+        url, health_check_interval=30, socket_keepalive=True
+    )
+    try:
+        info: dict[str, Any] = await client.info("server")
+    except Exception as exc:
+        await client.aclose()
+        raise ConfigError(f"REDIS_URL: cannot connect to {mask_url(url)}: {exc}") from exc
+    version = str(info.get("redis_version", "0"))
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if parts < MIN_REDIS:
+        await client.aclose()
+        raise ConfigError(f"REDIS_URL: Redis {version} is too old; plugind needs Redis >= 6.2")
+    log.info("Connected to Redis at %s (version %s)", mask_url(url), version)
+    return client
+
+
+async def _connect_postgres(url: str) -> asyncpg.Pool:
+    try:
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=10, timeout=10)
+    except Exception as exc:
+        raise ConfigError(f"DATABASE_URL: cannot connect to {mask_url(url)}: {exc}") from exc
+    log.info("Database connection established: %s", mask_url(url))
+    return pool
+
+
+def _plugin_env(settings: Settings) -> dict[str, str]:
+    """What plugins may see beyond the scrubbed basics: where to call Dify back, nothing secret."""
+    env: dict[str, str] = {}
+    if settings.dify_api_url:
+        env["DIFY_INNER_API_URL"] = settings.dify_api_url
+    return env
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(
+    settings: Settings, roles: tuple[str, ...] = ALL_ROLES, **options: Any
+) -> AsyncIterator[Daemon]:
+    """Run a daemon in the background of the current task (tests, embedding); stop on exit."""
+    daemon = Daemon(settings, roles=roles, handle_signals=False, **options)
+    async with anyio.create_task_group() as tg:
+        await tg.start(daemon.run)
+        try:
+            yield daemon
+        finally:
+            daemon.stop()

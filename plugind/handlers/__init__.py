@@ -1,0 +1,1 @@
+"""Handlers turn one command into effects and events: install, uninstall, task."""

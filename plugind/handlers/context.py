@@ -1,0 +1,29 @@
+"""What every handler needs, built once by the daemon."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from plugind.bus.emit import Emitter
+from plugind.bus.keys import Keys
+from plugind.config import Settings
+from plugind.handlers.local_plugins import LocalPlugins
+from plugind.handlers.registry import Registry
+from plugind.messages import EventFactory
+from plugind.runtime.pool import PluginPool
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerContext:
+    settings: Settings
+    redis: aioredis.Redis
+    db: asyncpg.Pool
+    keys: Keys
+    emitter: Emitter
+    events: EventFactory
+    registry: Registry
+    local: LocalPlugins
+    plugins: PluginPool

@@ -1,0 +1,272 @@
+"""Schemas of every command and event: the single source of truth for the wire format.
+
+Commands arrive as the JSON in a stream entry's ``cmd`` field and events leave as the JSON in an
+entry's ``event`` field (DESIGN §3-4). Both are tagged unions on ``type``, so one decode both
+validates and dispatches, and a decode error names the bad field (``Object missing required field
+`plugin_id` - at `$```). Unknown fields are ignored so producers may send more than we read.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final, TypeVar
+
+import msgspec
+from msgspec import Meta, Struct
+
+RequestId = Annotated[str, Meta(min_length=1, max_length=128)]
+TenantId = Annotated[str, Meta(min_length=1, max_length=128)]
+PluginRef = Annotated[str, Meta(min_length=3, max_length=512)]
+
+# --------------------------------------------------------------------------------------------
+# commands
+
+
+class PackageRef(Struct, forbid_unknown_fields=False, omit_defaults=True):
+    """Where an install's package comes from: exactly one of the three fields."""
+
+    path: str | None = None
+    base64: str | None = None
+    sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("path", "base64", "sha256") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "package must have exactly one of `path`, `base64`, `sha256`"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+
+    def describe(self) -> str:
+        """A short label of the source, for the ``source`` of ``plugin.install_started``."""
+        if self.path is not None:
+            return f"path:{self.path}"
+        if self.sha256 is not None:
+            return f"sha256:{self.sha256}"
+        return f"base64:{len(self.base64 or '')} chars"
+
+
+class Command(Struct, tag_field="type", kw_only=True):
+    request_id: RequestId
+    tenant_id: TenantId = "default"
+
+
+class InstallCommand(Command, tag="install", kw_only=True):
+    package: PackageRef
+    expected_identifier: str | None = None
+
+
+class UninstallCommand(Command, tag="uninstall", kw_only=True):
+    plugin_id: PluginRef
+
+
+class TaskCommand(Command, tag="task", kw_only=True):
+    plugin_id: PluginRef
+    access: Annotated[str, Meta(min_length=1)]
+    action: Annotated[str, Meta(min_length=1)]
+    payload: dict[str, Any] = msgspec.field(default_factory=dict)
+    user_id: str = ""
+    timeout_s: Annotated[float, Meta(gt=0, le=86_400)] | None = None
+    conversation_id: str | None = None
+    message_id: str | None = None
+    app_id: str | None = None
+    endpoint_id: str | None = None
+    context: dict[str, Any] | None = None
+    stream: bool = False
+
+
+AnyCommand = InstallCommand | UninstallCommand | TaskCommand
+
+# --------------------------------------------------------------------------------------------
+# events
+
+
+class ErrorInfo(Struct, omit_defaults=True):
+    code: str
+    message: str
+    error_type: str | None = None
+    args: Any = None
+
+
+class ManifestSummary(Struct):
+    label: Any = None
+    description: Any = None
+    author: str = ""
+    runner: dict[str, Any] = msgspec.field(default_factory=dict)
+    tools: list[str] = msgspec.field(default_factory=list)
+
+
+class TaskResult(Struct):
+    chunks: list[Any]
+
+
+class Event(Struct, tag_field="type", kw_only=True):
+    v: int = 1
+    event_id: str
+    request_id: str
+    tenant_id: str
+    at: str
+    node: str
+
+
+class InstallStarted(Event, tag="plugin.install_started", kw_only=True):
+    source: str
+
+
+class InstallProgress(Event, tag="plugin.install_progress", kw_only=True):
+    step: str
+    message: str
+
+
+class Installed(Event, tag="plugin.installed", kw_only=True):
+    plugin_id: str
+    identifier: str
+    version: str
+    checksum: str
+    manifest: ManifestSummary
+    upgraded_from: str | None = None
+    duration_ms: float
+
+
+class InstallFailed(Event, tag="plugin.install_failed", kw_only=True):
+    plugin_id: str | None = None
+    error: ErrorInfo
+    duration_ms: float
+
+
+class Uninstalled(Event, tag="plugin.uninstalled", kw_only=True):
+    plugin_id: str
+    identifier: str
+
+
+class TaskStarted(Event, tag="task.started", kw_only=True):
+    plugin_id: str
+    identifier: str
+    access: str
+    action: str
+    attempt: int
+
+
+class TaskSucceeded(Event, tag="task.succeeded", kw_only=True):
+    plugin_id: str
+    result: TaskResult
+    duration_ms: float
+
+
+class TaskFailed(Event, tag="task.failed", kw_only=True):
+    plugin_id: str
+    error: ErrorInfo
+    duration_ms: float
+
+
+class TaskTimedOut(Event, tag="task.timed_out", kw_only=True):
+    plugin_id: str
+    timeout_s: float
+    duration_ms: float
+
+
+class CommandRejected(Event, tag="command.rejected", kw_only=True):
+    stream: str
+    entry_id: str
+    error: ErrorInfo
+    raw: str
+
+
+class CommandDeadLettered(Event, tag="command.dead_lettered", kw_only=True):
+    stream: str
+    entry_id: str
+    deliveries: int
+    error: ErrorInfo
+
+
+AnyEvent = (
+    InstallStarted
+    | InstallProgress
+    | Installed
+    | InstallFailed
+    | Uninstalled
+    | TaskStarted
+    | TaskSucceeded
+    | TaskFailed
+    | TaskTimedOut
+    | CommandRejected
+    | CommandDeadLettered
+)
+
+TERMINAL_EVENT_TYPES: Final = frozenset(
+    {
+        "plugin.installed",
+        "plugin.install_failed",
+        "plugin.uninstalled",
+        "task.succeeded",
+        "task.failed",
+        "task.timed_out",
+        "command.rejected",
+        "command.dead_lettered",
+    }
+)
+
+# --------------------------------------------------------------------------------------------
+# codecs (module-level: building a decoder is costly, using one is cheap)
+
+_command_decoder: Final = msgspec.json.Decoder(AnyCommand)
+_event_decoder: Final = msgspec.json.Decoder(AnyEvent)
+_encoder: Final = msgspec.json.Encoder()
+
+
+def decode_command(raw: bytes | str) -> AnyCommand:
+    """Decode and validate one command; raises ``msgspec.DecodeError`` (incl. ValidationError)."""
+    command: AnyCommand = _command_decoder.decode(raw)
+    return command
+
+
+def decode_event(raw: bytes | str) -> AnyEvent:
+    event: AnyEvent = _event_decoder.decode(raw)
+    return event
+
+
+def encode(message: Command | Event | Struct) -> bytes:
+    return _encoder.encode(message)
+
+
+def event_type(event: Event) -> str:
+    """The ``type`` tag of an event instance."""
+    tag = type(event).__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
+
+
+def is_terminal(event: Event) -> bool:
+    return event_type(event) in TERMINAL_EVENT_TYPES
+
+
+def now_rfc3339() -> str:
+    """UTC now as RFC 3339 with microseconds and a ``Z`` suffix, as every event's ``at``."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def new_event_id() -> str:
+    return str(uuid.uuid4())
+
+
+E = TypeVar("E", bound=Event)
+
+
+class EventFactory:
+    """Stamps the common fields of events emitted by one daemon node."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+
+    def __call__(
+        self, cls: type[E], *, request_id: str, tenant_id: str, **fields: Any
+    ) -> E:
+        return cls(
+            event_id=new_event_id(),
+            request_id=request_id,
+            tenant_id=tenant_id,
+            at=now_rfc3339(),
+            node=self.node,
+            **fields,
+        )

@@ -1,0 +1,138 @@
+"""Turn raw ``{ns}:events`` entries into rows for ``event_log``: pure, no I/O.
+
+An entry that is not a valid event still becomes a row (type ``unknown``) so positions stay
+gap-free and the audit sees it; only the projector decides what to do with the row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import msgspec
+import orjson
+
+from plugind.messages import AnyEvent, decode_event, event_type
+from plugind.projections.read_models import parse_at, short_plugin_id
+
+UNKNOWN_TYPE: Final = "unknown"
+RAW_LIMIT: Final = 1024
+
+
+def as_str(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def stream_id_key(stream_id: str) -> tuple[int, int]:
+    """A stream id as a sortable ``(ms, seq)``: ids compare numerically, not as text."""
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def stream_id_time(stream_id: str) -> datetime:
+    return datetime.fromtimestamp(stream_id_key(stream_id)[0] / 1000, UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One stream entry decoded for the log: ``event`` is None for an ``unknown`` row."""
+
+    stream_id: str
+    type: str
+    payload: str  # JSON text
+    event: AnyEvent | None
+    event_id: str | None
+    request_id: str | None
+    tenant_id: str | None
+    plugin_id: str | None
+    at: datetime
+    error: str | None = None  # why it is unknown
+
+
+def _scrub(value: Any) -> Any:
+    """Replace NUL characters, which a jsonb value cannot hold, with U+FFFD."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [_scrub(item) for item in value]
+    if isinstance(value, dict):
+        return {_scrub(k): _scrub(v) for k, v in value.items()}
+    return value
+
+
+def _field(fields: dict[Any, Any] | None, name: str) -> bytes | str | None:
+    if not fields:
+        return None
+    value = fields.get(name.encode())
+    return value if value is not None else fields.get(name)
+
+
+def _unknown(stream_id: str, raw: bytes, error: str, obj: Any = None) -> LogEntry:
+    text = raw[:RAW_LIMIT].decode("utf-8", "replace").replace("\x00", "\ufffd")
+    payload = orjson.dumps({"raw": text, "error": error}).decode()
+
+    def pick(name: str) -> str | None:
+        value = obj.get(name) if isinstance(obj, dict) else None
+        return _scrub(value)[:512] if isinstance(value, str) else None
+
+    plugin = pick("plugin_id")
+    return LogEntry(
+        stream_id=stream_id,
+        type=UNKNOWN_TYPE,
+        payload=payload,
+        event=None,
+        event_id=None,
+        request_id=pick("request_id"),
+        tenant_id=pick("tenant_id"),
+        plugin_id=short_plugin_id(plugin) if plugin else None,
+        at=stream_id_time(stream_id),
+        error=error,
+    )
+
+
+def decode_entry(stream_id: str, fields: dict[Any, Any] | None) -> LogEntry:
+    """Decode one entry's ``event`` field; never raises on bad input."""
+    value = _field(fields, "event")
+    if value is None:
+        described = {as_str(k): as_str(v) for k, v in (fields or {}).items()}
+        error = "entry has no `event` field" if fields else "entry was deleted from the stream"
+        return _unknown(stream_id, orjson.dumps(described) if fields else b"", error)
+    raw = value.encode() if isinstance(value, str) else bytes(value)
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return _unknown(stream_id, raw, f"not valid JSON: {exc}")
+    if b"\\u0000" in raw:
+        obj = _scrub(obj)
+        raw = orjson.dumps(obj)
+    try:
+        event = decode_event(raw)
+    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+        return _unknown(stream_id, raw, f"not a known event: {exc}", obj)
+    plugin = getattr(event, "plugin_id", None)
+    return LogEntry(
+        stream_id=stream_id,
+        type=event_type(event),
+        payload=raw.decode(),
+        event=event,
+        event_id=event.event_id,
+        request_id=event.request_id,
+        tenant_id=event.tenant_id,
+        plugin_id=short_plugin_id(plugin) if isinstance(plugin, str) and plugin else None,
+        at=parse_at(event.at) or stream_id_time(stream_id),
+    )
+
+
+def parse_read_response(response: Any) -> list[tuple[str, dict[Any, Any] | None]]:
+    """``(stream_id, fields)`` pairs of an XREADGROUP reply, RESP2 (list) or RESP3 (dict)."""
+    if not response:
+        return []
+    streams = response.values() if isinstance(response, dict) else (s[1] for s in response)
+    out: list[tuple[str, dict[Any, Any] | None]] = []
+    for entries in streams:
+        for entry_id, fields in entries:
+            if isinstance(fields, list):
+                fields = dict(zip(fields[::2], fields[1::2], strict=True))
+            out.append((as_str(entry_id), fields))
+    return out

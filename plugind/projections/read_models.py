@@ -1,0 +1,187 @@
+"""How each event changes the ``plugins`` and ``tasks`` read models.
+
+Plain functions of (connection, event) with no side effects beyond those two tables, so the
+projector, a rebuild and a point-in-time replay all fold events the same way. Every statement is
+idempotent and guarded so a terminal task row is final: the first terminal event for a request
+wins, and anything later (a duplicate, a late ``task.started``) leaves it alone.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from plugind.messages import (
+    AnyEvent,
+    CommandDeadLettered,
+    CommandRejected,
+    Installed,
+    TaskFailed,
+    TaskStarted,
+    TaskSucceeded,
+    TaskTimedOut,
+    Uninstalled,
+    encode,
+)
+from plugind.projections._db import Conn
+
+TASK_STATUSES: Final = ("running", "succeeded", "failed", "timed_out", "rejected", "dead_lettered")
+TERMINAL_TASK_STATUSES: Final = frozenset(TASK_STATUSES) - {"running"}
+PLUGIN_STATUSES: Final = ("installed", "uninstalled")
+
+
+def short_plugin_id(plugin_ref: str) -> str:
+    """``author/name`` of a plugin reference that may be a full ``author/name:version@sha``."""
+    return plugin_ref.split(":", 1)[0]
+
+
+def _identifier(plugin_ref: str) -> str | None:
+    return plugin_ref if ":" in plugin_ref else None
+
+
+def parse_at(value: str) -> datetime | None:
+    """An event's RFC 3339 ``at`` as an aware datetime, or None if it does not parse."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def _json(value: Any) -> str:
+    return encode(value).decode() if value is not None else "null"
+
+
+_TASK_STARTED: Final = """
+INSERT INTO tasks AS t (request_id, tenant_id, plugin_id, identifier, access, action,
+                        status, attempts, created_at, started_at)
+VALUES ($1, $2, $3, $4, $5, $6, 'running', $7, $8, $8)
+ON CONFLICT (request_id) DO UPDATE SET
+    plugin_id = EXCLUDED.plugin_id, identifier = EXCLUDED.identifier,
+    access = EXCLUDED.access, action = EXCLUDED.action,
+    attempts = GREATEST(t.attempts, EXCLUDED.attempts), started_at = EXCLUDED.started_at
+WHERE t.status = 'running'
+"""
+
+_TASK_ENDED: Final = """
+INSERT INTO tasks AS t (request_id, tenant_id, plugin_id, identifier, status, created_at,
+                        finished_at, duration_ms, result, error)
+VALUES ($1, $2, $3, $4, $5, $6, $6, $7, $8::text::jsonb, $9::text::jsonb)
+ON CONFLICT (request_id) DO UPDATE SET
+    status = EXCLUDED.status, finished_at = EXCLUDED.finished_at,
+    duration_ms = EXCLUDED.duration_ms, result = EXCLUDED.result, error = EXCLUDED.error,
+    plugin_id = coalesce(t.plugin_id, EXCLUDED.plugin_id),
+    identifier = coalesce(t.identifier, EXCLUDED.identifier)
+WHERE t.status = 'running'
+"""
+
+_COMMAND_FAILED_UPDATE: Final = """
+UPDATE tasks SET status = $2, finished_at = $3, error = $4::text::jsonb
+WHERE request_id = $1 AND status = 'running'
+"""
+
+_COMMAND_FAILED_UPSERT: Final = """
+INSERT INTO tasks AS t (request_id, tenant_id, status, created_at, finished_at, error)
+VALUES ($1, $5, $2, $3, $3, $4::text::jsonb)
+ON CONFLICT (request_id) DO UPDATE SET
+    status = EXCLUDED.status, finished_at = EXCLUDED.finished_at, error = EXCLUDED.error
+WHERE t.status = 'running'
+"""
+
+_INSTALLED: Final = """
+INSERT INTO plugins AS p (tenant_id, plugin_id, identifier, version, status, manifest,
+                          installed_at, updated_at)
+VALUES ($1, $2, $3, $4, 'installed', $5::text::jsonb, $6, $6)
+ON CONFLICT (tenant_id, plugin_id) DO UPDATE SET
+    identifier = EXCLUDED.identifier, version = EXCLUDED.version, status = 'installed',
+    manifest = EXCLUDED.manifest, installed_at = EXCLUDED.installed_at,
+    updated_at = EXCLUDED.updated_at
+"""
+
+_UNINSTALLED: Final = """
+UPDATE plugins SET status = 'uninstalled', updated_at = $3
+WHERE tenant_id = $1 AND plugin_id = $2
+"""
+
+
+async def apply_event(
+    conn: Conn, event: AnyEvent, *, at: datetime, tasks_stream: str | None = None
+) -> None:
+    """Fold one event into the read models.
+
+    ``at`` is the event's time as recorded in ``event_log``. ``tasks_stream`` is the key of the
+    task command stream: a rejected or dead-lettered command from it gets a task row even if no
+    task event came first, so ``GET /api/v1/tasks/{id}`` can say what happened to it.
+    """
+    match event:
+        case TaskStarted():
+            await conn.execute(
+                _TASK_STARTED,
+                event.request_id,
+                event.tenant_id,
+                short_plugin_id(event.plugin_id),
+                event.identifier,
+                event.access,
+                event.action,
+                event.attempt,
+                at,
+            )
+        case TaskSucceeded():
+            await _task_ended(conn, event, at, "succeeded", result=_json(event.result))
+        case TaskFailed():
+            await _task_ended(conn, event, at, "failed", error=_json(event.error))
+        case TaskTimedOut():
+            error = {
+                "code": "timeout",
+                "message": f"Task timed out after {event.timeout_s:g}s",
+                "timeout_s": event.timeout_s,
+            }
+            await _task_ended(conn, event, at, "timed_out", error=_json(error))
+        case CommandRejected() | CommandDeadLettered():
+            status = "rejected" if isinstance(event, CommandRejected) else "dead_lettered"
+            error = _json(event.error)
+            if tasks_stream is not None and event.stream == tasks_stream and event.request_id:
+                await conn.execute(
+                    _COMMAND_FAILED_UPSERT, event.request_id, status, at, error, event.tenant_id
+                )
+            else:
+                await conn.execute(_COMMAND_FAILED_UPDATE, event.request_id, status, at, error)
+        case Installed():
+            await conn.execute(
+                _INSTALLED,
+                event.tenant_id,
+                short_plugin_id(event.plugin_id),
+                event.identifier,
+                event.version,
+                _json(event.manifest),
+                at,
+            )
+        case Uninstalled():
+            await conn.execute(
+                _UNINSTALLED, event.tenant_id, short_plugin_id(event.plugin_id), at
+            )
+        case _:
+            pass  # progress, install_started, install_failed: the event log is their record
+
+
+async def _task_ended(
+    conn: Conn,
+    event: TaskSucceeded | TaskFailed | TaskTimedOut,
+    at: datetime,
+    status: str,
+    *,
+    result: str | None = None,
+    error: str | None = None,
+) -> None:
+    await conn.execute(
+        _TASK_ENDED,
+        event.request_id,
+        event.tenant_id,
+        short_plugin_id(event.plugin_id),
+        _identifier(event.plugin_id),
+        status,
+        at,
+        event.duration_ms,
+        result,
+        error,
+    )
