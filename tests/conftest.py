@@ -20,6 +20,8 @@ import redis.asyncio as aioredis
 
 from plugind.bus.keys import Keys
 
+pytest_plugins = ["e2e"]
+
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 

@@ -35,7 +35,8 @@ async def reclaim_once(
 ) -> Reclaimed:
     """Claim up to ``limit`` stale entries; those delivered ``max_deliveries`` times go to ``dead``.
 
-    Deliveries are counted as Redis counts them: the claim here is one more delivery.
+    Deliveries are counted as Redis counts them: the claim here is one more delivery. A dead
+    entry's ``deliveries`` is how often a handler really got it.
     """
     out = Reclaimed()
     if limit <= 0:
@@ -52,9 +53,8 @@ async def reclaim_once(
         if not claimed:
             continue  # someone else claimed it first
         claimed_id, fields = claimed[0]
-        delivery = Delivery(stream, text(claimed_id), dict(fields or {}), deliveries + 1)
         if deliveries >= max_deliveries:
-            out.dead.append(delivery)
+            out.dead.append(Delivery(stream, text(claimed_id), dict(fields or {}), deliveries))
         else:
-            out.run.append(delivery)
+            out.run.append(Delivery(stream, text(claimed_id), dict(fields or {}), deliveries + 1))
     return out

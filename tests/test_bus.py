@@ -1,0 +1,138 @@
+"""The bus on a real Redis: consumer groups, concurrency, reclaim, dead letters, atomic commit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+from plugind.bus.consumer import StreamConsumer, ensure_group
+from plugind.bus.emit import Delivery, Emitter, RegistryChange
+from plugind.bus.keys import WORKERS_GROUP, Keys, installed_field, shard_namespace
+from plugind.messages import EventFactory, TaskSucceeded, TaskResult, decode_event
+
+pytestmark = pytest.mark.anyio
+
+
+async def _fill(redis: Any, stream: str, n: int) -> list[str]:
+    return [(await redis.xadd(stream, {"cmd": f'{{"n": {i}}}'})).decode() for i in range(n)]
+
+
+async def test_consumer_runs_every_entry_within_its_concurrency(redis: Any, keys: Keys) -> None:
+    await ensure_group(redis, keys.tasks, WORKERS_GROUP)
+    ids = await _fill(redis, keys.tasks, 20)
+    seen: list[str] = []
+    running, peak = 0, 0
+
+    async def handler(delivery: Delivery) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await anyio.sleep(0.02)
+        running -= 1
+        seen.append(delivery.entry_id)
+        await redis.xack(delivery.stream, WORKERS_GROUP, delivery.entry_id)
+
+    consumer = StreamConsumer(
+        redis, stream=keys.tasks, group=WORKERS_GROUP, consumer="c1", handler=handler,
+        concurrency=3, block_ms=100,
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer.run)
+        with anyio.fail_after(10):
+            while len(seen) < 20:
+                await anyio.sleep(0.01)
+        consumer.stop()
+    assert sorted(seen) == sorted(ids)
+    assert peak == 3
+    assert (await redis.xpending(keys.tasks, WORKERS_GROUP))["pending"] == 0
+
+
+async def test_entries_of_a_dead_consumer_are_reclaimed_then_dead_lettered(
+    redis: Any, keys: Keys
+) -> None:
+    await ensure_group(redis, keys.tasks, WORKERS_GROUP)
+    [ok_id, poison_id] = await _fill(redis, keys.tasks, 2)
+    # a consumer that read both entries and died
+    await redis.xreadgroup(WORKERS_GROUP, "dead-node", {keys.tasks: ">"}, count=2)
+
+    handled: list[tuple[str, int]] = []
+    dead: list[Delivery] = []
+
+    async def handler(delivery: Delivery) -> None:
+        handled.append((delivery.entry_id, delivery.deliveries))
+        if delivery.entry_id == poison_id:
+            raise RuntimeError("always fails")
+        await redis.xack(delivery.stream, WORKERS_GROUP, delivery.entry_id)
+
+    async def on_dead(delivery: Delivery) -> None:
+        dead.append(delivery)
+        await redis.xack(delivery.stream, WORKERS_GROUP, delivery.entry_id)
+
+    consumer = StreamConsumer(
+        redis, stream=keys.tasks, group=WORKERS_GROUP, consumer="c2", handler=handler,
+        concurrency=2, block_ms=50, reclaim_idle_s=0.2, max_deliveries=3, on_dead=on_dead,
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer.run)
+        with anyio.fail_after(15):
+            while not dead:
+                await anyio.sleep(0.02)
+        consumer.stop()
+    assert (ok_id, 2) in handled  # the second delivery, taken over from the dead node
+    assert [d for _id, d in handled if _id == poison_id] == [2, 3]
+    assert dead[0].entry_id == poison_id and dead[0].deliveries == 3
+    assert (await redis.xpending(keys.tasks, WORKERS_GROUP))["pending"] == 0
+
+
+async def test_terminal_commit_is_once_per_request_even_when_racing(redis: Any, keys: Keys) -> None:
+    await ensure_group(redis, keys.tasks, WORKERS_GROUP)
+    ids = await _fill(redis, keys.tasks, 5)
+    await redis.xreadgroup(WORKERS_GROUP, "c", {keys.tasks: ">"}, count=5)
+    emitter = Emitter(redis, keys, dedupe_ttl=60)
+    make = EventFactory("n")
+
+    async def commit(entry_id: str) -> str | None:
+        event = make(TaskSucceeded, request_id="same", tenant_id="t", plugin_id="a/b",
+                     result=TaskResult(chunks=[]), duration_ms=1.0)
+        return await emitter.terminal(Delivery(keys.tasks, entry_id, {}), event)
+
+    results: list[str | None] = []
+
+    async def run(entry_id: str) -> None:
+        results.append(await commit(entry_id))
+
+    async with anyio.create_task_group() as tg:
+        for entry_id in ids:
+            tg.start_soon(run, entry_id)
+    assert len([r for r in results if r]) == 1
+    events = [decode_event(f[b"event"]) for _i, f in await redis.xrange(keys.events)]
+    assert len(events) == 1
+    assert (await redis.xpending(keys.tasks, WORKERS_GROUP))["pending"] == 0
+    assert await redis.get(keys.done("same")) == [r for r in results if r][0].encode()
+
+
+async def test_registry_changes_with_the_terminal_event(redis: Any, keys: Keys) -> None:
+    await ensure_group(redis, keys.install, WORKERS_GROUP)
+    [entry] = await _fill(redis, keys.install, 1)
+    await redis.xreadgroup(WORKERS_GROUP, "c", {keys.install: ">"}, count=1)
+    emitter = Emitter(redis, keys, dedupe_ttl=60)
+    event = EventFactory("n")(TaskSucceeded, request_id="r", tenant_id="t", plugin_id="a/b",
+                              result=TaskResult(chunks=[]), duration_ms=1.0)
+    await emitter.terminal(
+        Delivery(keys.install, entry, {}), event,
+        registry=RegistryChange("set", "t", "a/b", "a/b:1@x"),
+    )
+    assert await redis.hget(keys.installed, installed_field("t", "a/b")) == b"a/b:1@x"
+
+
+def test_keys_share_one_hash_tag_and_shards_are_stable() -> None:
+    keys = Keys("ns")
+    assert {k.split("}")[0] for k in (keys.install, keys.tasks, keys.events, keys.dead,
+                                       keys.done("r"), keys.out("r"), keys.installed)} == {"{ns"}
+    assert shard_namespace("plugind", 1, "acme/calc") == "plugind"
+    assert shard_namespace("plugind", 4, "acme/calc") == shard_namespace("plugind", 4, "acme/calc")
+    assert {shard_namespace("plugind", 4, f"a/p{i}") for i in range(100)} == {
+        f"plugind:{i}" for i in range(4)
+    }
