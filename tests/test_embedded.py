@@ -1,14 +1,19 @@
-"""Embedded Valkey and Postgres, against the real servers: persistence, stop, crashes, runtime file."""
+"""Embedded Valkey and Postgres against the real servers: persistence, stop, crashes, runtime."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import asyncpg
 import pytest
 import redis
@@ -24,12 +29,41 @@ from plugind.embedded import (
 from plugind.embedded_proc import processes_in
 
 
+@pytest.fixture
+def tmp_root() -> Iterator[Path]:
+    """A temporary root outside pytest's basetemp.
+
+    As root, Postgres runs as another user who must traverse to its data dir, and every pytest
+    session that starts (in another terminal, say) resets /tmp/pytest-of-root to 0700.
+    """
+    path = Path(tempfile.mkdtemp(prefix="plugind-embedded-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _pids(data_dir: Path, name: str) -> set[int]:
     return {p.pid for p in processes_in(data_dir, name)}
 
 
-def test_valkey_keeps_data_across_restarts_and_stops_cleanly(tmp_path: Path) -> None:
-    data_dir = tmp_path / "valkey"
+def _fetchval(url: str, query: str) -> object:
+    """One statement on a fresh connection, from a sync test (the servers start blocking)."""
+
+    async def run() -> object:
+        conn = await asyncpg.connect(url)
+        try:
+            return await conn.fetchval(query)
+        finally:
+            await conn.close()
+
+    return anyio.run(run)
+
+
+_CREATE = "CREATE TABLE survivor AS SELECT 'yes'::text AS v"
+_READ = "SELECT v FROM survivor"
+
+
+def test_valkey_keeps_data_across_restarts_and_stops_cleanly(tmp_root: Path) -> None:
+    data_dir = tmp_root / "valkey"
     server = start_embedded_redis(data_dir)
     assert server.url.startswith("redis://127.0.0.1:")
     with redis.Redis.from_url(server.url) as client:
@@ -49,37 +83,28 @@ def test_valkey_keeps_data_across_restarts_and_stops_cleanly(tmp_path: Path) -> 
     assert not _pids(data_dir, "valkey-server")
 
 
-def test_a_data_dir_in_use_is_refused(tmp_path: Path) -> None:
-    server = start_embedded_redis(tmp_path / "valkey")
+def test_a_data_dir_in_use_is_refused(tmp_root: Path) -> None:
+    server = start_embedded_redis(tmp_root / "valkey")
     try:
         with pytest.raises(DataDirInUseError, match=str(os.getpid())):
-            start_embedded_redis(tmp_path / "valkey")
+            start_embedded_redis(tmp_root / "valkey")
     finally:
         server.stop()
 
 
-@pytest.mark.anyio
-async def test_postgres_keeps_data_across_restarts_and_stops_cleanly(tmp_path: Path) -> None:
-    data_dir = tmp_path / "postgres"
+def test_postgres_keeps_data_across_restarts_and_stops_cleanly(tmp_root: Path) -> None:
+    data_dir = tmp_root / "postgres"
     server = start_embedded_postgres(data_dir)
     assert server.url.startswith("postgresql://postgres@127.0.0.1:")
     assert server.url.endswith("/plugind")
-    conn = await asyncpg.connect(server.url)
-    try:
-        await conn.execute("CREATE TABLE survivor (v text); INSERT INTO survivor VALUES ('yes')")
-    finally:
-        await conn.close()
+    _fetchval(server.url, _CREATE)
     server.stop()
     server.stop()  # idempotent
     assert not _pids(data_dir, "postgres")
 
     again = start_embedded_postgres(data_dir)
     try:
-        conn = await asyncpg.connect(again.url)
-        try:
-            assert await conn.fetchval("SELECT v FROM survivor") == "yes"
-        finally:
-            await conn.close()
+        assert _fetchval(again.url, _READ) == "yes"
     finally:
         again.stop()
     assert not _pids(data_dir, "postgres")
@@ -100,10 +125,9 @@ _CRASHING_DAEMON = textwrap.dedent(
 )
 
 
-@pytest.mark.anyio
-async def test_servers_left_by_a_crashed_daemon_are_replaced(tmp_path: Path) -> None:
+def test_servers_left_by_a_crashed_daemon_are_replaced(tmp_root: Path) -> None:
     daemon = subprocess.Popen(
-        [sys.executable, "-c", _CRASHING_DAEMON, str(tmp_path)],
+        [sys.executable, "-c", _CRASHING_DAEMON, str(tmp_root)],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -111,37 +135,28 @@ async def test_servers_left_by_a_crashed_daemon_are_replaced(tmp_path: Path) -> 
     redis_url, database_url = daemon.stdout.readline().split()
     with redis.Redis.from_url(redis_url) as client:
         client.set("survivor", "yes")
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute("CREATE TABLE survivor (v text); INSERT INTO survivor VALUES ('yes')")
-    finally:
-        await conn.close()
+    _fetchval(database_url, _CREATE)
     daemon.kill()  # SIGKILL: no chance to stop its servers
     daemon.wait()
     daemon.stdout.close()
-    old = _pids(tmp_path / "valkey", "valkey-server") | _pids(tmp_path / "postgres", "postgres")
+    old = _pids(tmp_root / "valkey", "valkey-server") | _pids(tmp_root / "postgres", "postgres")
     assert old, "the servers should outlive the crashed daemon"
 
-    valkey = start_embedded_redis(tmp_path / "valkey")
-    postgres = start_embedded_postgres(tmp_path / "postgres")
+    valkey = start_embedded_redis(tmp_root / "valkey")
+    postgres = start_embedded_postgres(tmp_root / "postgres")
     try:
-        new = _pids(tmp_path / "valkey", "valkey-server") | _pids(tmp_path / "postgres", "postgres")
+        new = _pids(tmp_root / "valkey", "valkey-server") | _pids(tmp_root / "postgres", "postgres")
         assert not old & new
         with redis.Redis.from_url(valkey.url) as client:
             assert client.get("survivor") == b"yes"
-        conn = await asyncpg.connect(postgres.url)
-        try:
-            assert await conn.fetchval("SELECT v FROM survivor") == "yes"
-        finally:
-            await conn.close()
+        assert _fetchval(postgres.url, _READ) == "yes"
     finally:
         valkey.stop()
         postgres.stop()
 
 
-@pytest.mark.anyio
-async def test_a_stale_postmaster_pid_of_a_killed_server_is_handled(tmp_path: Path) -> None:
-    data_dir = tmp_path / "postgres"
+def test_a_stale_postmaster_pid_of_a_killed_server_is_handled(tmp_root: Path) -> None:
+    data_dir = tmp_root / "postgres"
     server = start_embedded_postgres(data_dir)
     for pid in _pids(data_dir, "postgres"):
         os.kill(pid, signal.SIGKILL)
@@ -158,8 +173,7 @@ async def test_a_stale_postmaster_pid_of_a_killed_server_is_handled(tmp_path: Pa
         pid_file.write_text("\n".join([str(sleeper.pid), *lines[1:]]) + "\n")
         again = start_embedded_postgres(data_dir)
         try:
-            conn = await asyncpg.connect(again.url)
-            await conn.close()
+            assert _fetchval(again.url, "SELECT 1") == 1
         finally:
             again.stop()
     finally:
@@ -168,24 +182,23 @@ async def test_a_stale_postmaster_pid_of_a_killed_server_is_handled(tmp_path: Pa
 
 
 @pytest.mark.anyio
-async def test_embedded_services_publish_their_urls_while_they_run(tmp_path: Path) -> None:
-    assert read_runtime_file(tmp_path) is None
-    async with embedded_services(tmp_path, redis=True, postgres=True) as urls:
+async def test_embedded_services_publish_their_urls_while_they_run(tmp_root: Path) -> None:
+    assert read_runtime_file(tmp_root) is None
+    async with embedded_services(tmp_root, redis=True, postgres=True) as urls:
         assert urls.redis_url is not None and urls.database_url is not None
-        assert (tmp_path / "runtime.json").exists()
-        assert read_runtime_file(tmp_path) == urls
+        assert (tmp_root / "runtime.json").exists()
+        assert read_runtime_file(tmp_root) == urls
         conn = await asyncpg.connect(urls.database_url)
         await conn.close()
-    assert not (tmp_path / "runtime.json").exists()
-    assert read_runtime_file(tmp_path) is None
-    assert not _pids(tmp_path / "valkey", "valkey-server")
-    assert not _pids(tmp_path / "postgres", "postgres")
+    assert not (tmp_root / "runtime.json").exists()
+    assert read_runtime_file(tmp_root) is None
+    assert not _pids(tmp_root / "valkey", "valkey-server")
+    assert not _pids(tmp_root / "postgres", "postgres")
 
-    async with embedded_services(tmp_path, redis=True, postgres=False) as only_redis:
+    async with embedded_services(tmp_root, redis=True, postgres=False) as only_redis:
         assert only_redis == EmbeddedUrls(redis_url=only_redis.redis_url, database_url=None)
-        assert read_runtime_file(tmp_path) == only_redis
+        assert read_runtime_file(tmp_root) == only_redis
     # A file left by a crashed daemon whose servers are gone names nothing that answers.
-    (tmp_path / "runtime.json").write_text(
-        '{"redis_url": "%s", "database_url": null, "pid": 1}' % only_redis.redis_url
-    )
-    assert read_runtime_file(tmp_path) is None
+    stale = {"redis_url": only_redis.redis_url, "database_url": None, "pid": 1}
+    (tmp_root / "runtime.json").write_text(json.dumps(stale))
+    assert read_runtime_file(tmp_root) is None

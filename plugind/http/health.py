@@ -83,6 +83,9 @@ def _advisory_parts(key: int) -> tuple[int, int]:
 async def _postgres_state(pool: asyncpg.Pool, keys: Keys) -> dict[str, Any]:
     classid, objid = _advisory_parts(projector_lock_key(keys))
     async with pool.acquire(timeout=PROBE_TIMEOUT_S) as conn:
+        await conn.fetchval("SELECT 1")
+        if not await conn.fetchval("SELECT to_regclass('projection_checkpoints') IS NOT NULL"):
+            return {"position": None, "active": False, "migrated": False}
         row = await conn.fetchrow(
             """
             SELECT

@@ -26,7 +26,7 @@ from plugind.projections.queries import (
     list_plugins,
     query_events,
 )
-from plugind.projections.read_models import apply_event
+from plugind.projections.read_models import apply_event, apply_events, statement_for
 from plugind.projections.stats import DurationStats, GroupStats, TaskStats, task_stats
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "TaskStats",
     "VerifyResult",
     "apply_event",
+    "apply_events",
     "chain_hash",
     "ensure_group",
     "get_checkpoint",
@@ -53,6 +54,7 @@ __all__ = [
     "migrate",
     "projector_lag",
     "query_events",
+    "statement_for",
     "task_stats",
     "verify_chain",
     "verify_event_log",

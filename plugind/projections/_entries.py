@@ -13,11 +13,12 @@ from typing import Any, Final
 import msgspec
 import orjson
 
+from plugind.bus.codec import EVENT_FIELD, RAW_PREVIEW_BYTES
 from plugind.messages import AnyEvent, decode_event, event_type
 from plugind.projections.read_models import parse_at, short_plugin_id
 
 UNKNOWN_TYPE: Final = "unknown"
-RAW_LIMIT: Final = 1024
+RAW_LIMIT: Final = RAW_PREVIEW_BYTES
 
 
 def as_str(value: bytes | str) -> str:
@@ -93,7 +94,7 @@ def _unknown(stream_id: str, raw: bytes, error: str, obj: Any = None) -> LogEntr
 
 def decode_entry(stream_id: str, fields: dict[Any, Any] | None) -> LogEntry:
     """Decode one entry's ``event`` field; never raises on bad input."""
-    value = _field(fields, "event")
+    value = _field(fields, EVENT_FIELD)
     if value is None:
         described = {as_str(k): as_str(v) for k, v in (fields or {}).items()}
         error = "entry has no `event` field" if fields else "entry was deleted from the stream"

@@ -34,7 +34,7 @@ from plugind.projections._entries import (
 )
 from plugind.projections.hashchain import chain_hash
 from plugind.projections.lag import ensure_group, projector_lag
-from plugind.projections.read_models import apply_event
+from plugind.projections.read_models import apply_event, apply_events
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class Projector:
         """Take the namespace's projector lock if it is free; returns whether we hold it."""
         if self._conn is not None:
             return True
-        conn = await self.pool.acquire()
+        conn = await self.pool.acquire(timeout=10)
         try:
             got = await conn.fetchval("SELECT pg_try_advisory_lock($1)", self._lock_key)
         except BaseException:
@@ -155,8 +155,14 @@ class Projector:
                         waiting_logged = False
                     await self.run_once()
                     backoff = 0.5
-                except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                    log.error("Projector batch failed, retrying in %.1fs: %r", backoff, exc)
+                except ProjectionConflictError:
+                    raise
+                except Exception as exc:  # keep projecting: the daemon must outlive one bad batch
+                    expected = (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+                    log.error(
+                        "Projector batch failed, retrying in %.1fs: %r", backoff, exc,
+                        exc_info=not isinstance(exc, expected),
+                    )
                     self._read_pending = True
                     if isinstance(exc, asyncpg.PostgresError):
                         self._safe_mode = True
@@ -196,9 +202,9 @@ class Projector:
         while True:
             reply = await self.redis.xautoclaim(
                 self.keys.events, PROJECTOR_GROUP, self.node, 0, cursor,
-                count=self.batch_size, justid=True,
+                count=self.batch_size,
             )
-            cursor = as_str(reply[0])
+            cursor = as_str(reply[0])  # (justid=True would make redis-py drop the cursor)
             if cursor == "0-0":
                 return
 
@@ -257,8 +263,7 @@ class Projector:
                             "Event stream entry %s is not a valid event (%s); recorded as "
                             "type unknown at position %d", entry.stream_id, entry.error, pos,
                         )
-                    else:
-                        await self._apply(conn, entry, pos)
+                await self._apply(conn, rows, positions)
             await conn.execute(
                 """
                 UPDATE projection_checkpoints
@@ -314,18 +319,23 @@ class Projector:
             kept.append(entry)
         return kept
 
-    async def _apply(self, conn: PoolConnectionProxy, entry: LogEntry, position: int) -> None:
-        assert entry.event is not None
+    async def _apply(
+        self, conn: PoolConnectionProxy, rows: list[LogEntry], positions: list[int]
+    ) -> None:
+        events = [(e.event, e.at) for e in rows if e.event is not None]
         if not self._safe_mode:
-            await apply_event(conn, entry.event, at=entry.at, tasks_stream=self.keys.tasks)
+            await apply_events(conn, events, tasks_stream=self.keys.tasks)
             return
         # After a failed batch, isolate each change so one poisonous event cannot wedge the
         # projector: it stays in the log, its read-model change is skipped and logged.
-        try:
-            async with conn.transaction():
-                await apply_event(conn, entry.event, at=entry.at, tasks_stream=self.keys.tasks)
-        except asyncpg.PostgresError as exc:
-            log.error(
-                "Read-model update skipped for event %s (%s) at position %d: %r",
-                entry.event_id, entry.type, position, exc,
-            )
+        for entry, position in zip(rows, positions, strict=True):
+            if entry.event is None:
+                continue
+            try:
+                async with conn.transaction():
+                    await apply_event(conn, entry.event, at=entry.at, tasks_stream=self.keys.tasks)
+            except asyncpg.PostgresError as exc:
+                log.error(
+                    "Read-model update skipped for event %s (%s) at position %d: %r",
+                    entry.event_id, entry.type, position, exc,
+                )

@@ -8,6 +8,7 @@ wins, and anything later (a duplicate, a late ``task.started``) leaves it alone.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -104,10 +105,13 @@ WHERE tenant_id = $1 AND plugin_id = $2
 """
 
 
-async def apply_event(
-    conn: Conn, event: AnyEvent, *, at: datetime, tasks_stream: str | None = None
-) -> None:
-    """Fold one event into the read models.
+Statement = tuple[str, tuple[Any, ...]]
+
+
+def statement_for(
+    event: AnyEvent, *, at: datetime, tasks_stream: str | None = None
+) -> Statement | None:
+    """The SQL statement (and arguments) that folds ``event`` in; None if it changes nothing.
 
     ``at`` is the event's time as recorded in ``event_log``. ``tasks_stream`` is the key of the
     task command stream: a rejected or dead-lettered command from it gets a task row even if no
@@ -115,73 +119,94 @@ async def apply_event(
     """
     match event:
         case TaskStarted():
-            await conn.execute(
-                _TASK_STARTED,
-                event.request_id,
-                event.tenant_id,
-                short_plugin_id(event.plugin_id),
-                event.identifier,
-                event.access,
-                event.action,
-                event.attempt,
-                at,
+            return _TASK_STARTED, (
+                event.request_id, event.tenant_id, short_plugin_id(event.plugin_id),
+                event.identifier, event.access, event.action, event.attempt, at,
             )
         case TaskSucceeded():
-            await _task_ended(conn, event, at, "succeeded", result=_json(event.result))
+            return _task_ended(event, at, "succeeded", result=_json(event.result))
         case TaskFailed():
-            await _task_ended(conn, event, at, "failed", error=_json(event.error))
+            return _task_ended(event, at, "failed", error=_json(event.error))
         case TaskTimedOut():
             timeout = {
                 "code": "timeout",
                 "message": f"Task timed out after {event.timeout_s:g}s",
                 "timeout_s": event.timeout_s,
             }
-            await _task_ended(conn, event, at, "timed_out", error=_json(timeout))
+            return _task_ended(event, at, "timed_out", error=_json(timeout))
         case CommandRejected() | CommandDeadLettered():
             status = "rejected" if isinstance(event, CommandRejected) else "dead_lettered"
             error = _json(event.error)
             if tasks_stream is not None and event.stream == tasks_stream and event.request_id:
-                await conn.execute(
-                    _COMMAND_FAILED_UPSERT, event.request_id, status, at, error, event.tenant_id
+                return _COMMAND_FAILED_UPSERT, (
+                    event.request_id, status, at, error, event.tenant_id,
                 )
-            else:
-                await conn.execute(_COMMAND_FAILED_UPDATE, event.request_id, status, at, error)
+            return _COMMAND_FAILED_UPDATE, (event.request_id, status, at, error)
         case Installed():
-            await conn.execute(
-                _INSTALLED,
-                event.tenant_id,
-                short_plugin_id(event.plugin_id),
-                event.identifier,
-                event.version,
-                _json(event.manifest),
-                at,
+            return _INSTALLED, (
+                event.tenant_id, short_plugin_id(event.plugin_id), event.identifier,
+                event.version, _json(event.manifest), at,
             )
         case Uninstalled():
-            await conn.execute(
-                _UNINSTALLED, event.tenant_id, short_plugin_id(event.plugin_id), at
-            )
+            return _UNINSTALLED, (event.tenant_id, short_plugin_id(event.plugin_id), at)
         case _:
-            pass  # progress, install_started, install_failed: the event log is their record
+            return None  # progress, install_started, install_failed: the event log is their record
 
 
-async def _task_ended(
-    conn: Conn,
+def _row_key(event: AnyEvent) -> tuple[str, ...]:
+    """The read-model row an event's statement touches."""
+    if isinstance(event, Installed | Uninstalled):
+        return ("plugin", event.tenant_id, short_plugin_id(event.plugin_id))
+    return ("task", event.request_id)
+
+
+def _task_ended(
     event: TaskSucceeded | TaskFailed | TaskTimedOut,
     at: datetime,
     status: str,
     *,
     result: str | None = None,
     error: str | None = None,
-) -> None:
-    await conn.execute(
-        _TASK_ENDED,
-        event.request_id,
-        event.tenant_id,
-        short_plugin_id(event.plugin_id),
-        _identifier(event.plugin_id),
-        status,
-        at,
-        event.duration_ms,
-        result,
-        error,
+) -> Statement:
+    return _TASK_ENDED, (
+        event.request_id, event.tenant_id, short_plugin_id(event.plugin_id),
+        _identifier(event.plugin_id), status, at, event.duration_ms, result, error,
     )
+
+
+async def apply_event(
+    conn: Conn, event: AnyEvent, *, at: datetime, tasks_stream: str | None = None
+) -> None:
+    """Fold one event into the read models (see :func:`statement_for`)."""
+    statement = statement_for(event, at=at, tasks_stream=tasks_stream)
+    if statement is not None:
+        await conn.execute(statement[0], *statement[1])
+
+
+async def apply_events(
+    conn: Conn,
+    events: Sequence[tuple[AnyEvent, datetime]],
+    *,
+    tasks_stream: str | None = None,
+) -> None:
+    """Fold ``events`` (in log order) with a few pipelined ``executemany`` calls, not one each.
+
+    Only events on the same row must keep their order, so the n-th event of each row goes to
+    round n; within a round every row is distinct, and statements of one kind run together.
+    The result equals applying the events one by one.
+    """
+    rounds: list[dict[str, list[tuple[Any, ...]]]] = []
+    seen: dict[tuple[str, ...], int] = {}
+    for event, at in events:
+        statement = statement_for(event, at=at, tasks_stream=tasks_stream)
+        if statement is None:
+            continue
+        key = _row_key(event)
+        index = seen.get(key, 0)
+        seen[key] = index + 1
+        if index == len(rounds):
+            rounds.append({})
+        rounds[index].setdefault(statement[0], []).append(statement[1])
+    for by_sql in rounds:
+        for sql, args in by_sql.items():
+            await conn.executemany(sql, args)

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
+import asyncpg
 import orjson
+from asyncpg.pool import PoolConnectionProxy
 
 from plugind.errors import PlugindError
-from plugind.projections._db import Executor
+
+Executor: TypeAlias = asyncpg.Pool | asyncpg.Connection | PoolConnectionProxy
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,167 @@
+"""Real Dify SDK plugins, written by tests into temporary folders.
+
+``write_plugin`` produces a plugin folder the ``dify-plugin`` SDK accepts (manifest, one tool
+provider named like the plugin, one YAML and one Python file per tool), and ``package_bytes``
+zips it into a `.difypkg`. Each tool is given as the body of its ``_invoke(self,
+tool_parameters)``, a generator: yield ``self.create_text_message(...)`` or
+``self.create_json_message(...)``. The bodies below are the usual ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import textwrap
+from pathlib import Path
+
+from plugind.runtime.package import build_package
+
+SDK_REQUIREMENT = "dify-plugin==0.10.2"
+
+ECHO = """\
+yield self.create_json_message({"echo": dict(tool_parameters)})
+"""
+
+RAISES = """\
+raise ValueError(tool_parameters.get("message", "the tool failed on purpose"))
+yield  # unreachable: makes _invoke a generator
+"""
+
+CRASH = """\
+import os, sys
+yield self.create_text_message("about to crash")
+print("crashy: calling os._exit(3)", file=sys.stderr, flush=True)
+os._exit(3)
+"""
+
+SLEEP = """\
+import time
+seconds = float(tool_parameters.get("seconds", 1))
+time.sleep(seconds)
+yield self.create_json_message({"slept": seconds})
+"""
+
+ENV = """\
+import os
+yield self.create_json_message({"env": dict(os.environ)})
+"""
+
+SPAWN = """\
+import subprocess
+child = subprocess.Popen(["sleep", "60"])
+yield self.create_json_message({"child_pid": child.pid})
+"""
+
+STANDARD_TOOLS = {
+    "echo": ECHO,
+    "raises": RAISES,
+    "crash": CRASH,
+    "sleep": SLEEP,
+    "env": ENV,
+    "spawn": SPAWN,
+}
+
+ICON = (
+    '<svg xmlns="http://www.w3.org/2000/svg" width="16" height="16">'
+    '<rect width="16" height="16" fill="#888"/></svg>\n'
+)
+
+
+def _camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.replace("-", "_").split("_")) or "Tool"
+
+
+def write_plugin(
+    dest: Path,
+    *,
+    author: str = "acme",
+    name: str = "tester",
+    version: str = "0.1.0",
+    tools: dict[str, str] | None = None,
+) -> Path:
+    """Write an SDK plugin into ``dest`` (created) and return ``dest``."""
+    tools = STANDARD_TOOLS if tools is None else tools
+    provider = name.replace("-", "_")
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "_assets").mkdir(exist_ok=True)
+    (dest / "provider").mkdir(exist_ok=True)
+    (dest / "tools").mkdir(exist_ok=True)
+    (dest / "_assets" / "icon.svg").write_text(ICON)
+    (dest / "requirements.txt").write_text(SDK_REQUIREMENT + "\n")
+    (dest / "main.py").write_text(
+        "from dify_plugin import DifyPluginEnv, Plugin\n\n"
+        "plugin = Plugin(DifyPluginEnv())\n\n"
+        'if __name__ == "__main__":\n'
+        "    plugin.run()\n"
+    )
+    (dest / "manifest.yaml").write_text(
+        textwrap.dedent(
+            f"""\
+            version: {version}
+            type: plugin
+            author: {author}
+            name: {name}
+            label:
+              en_US: {name}
+            description:
+              en_US: A plugin written by a test.
+            icon: icon.svg
+            created_at: "2025-01-01T00:00:00Z"
+            resource:
+              memory: 268435456
+            plugins:
+              tools:
+                - provider/{provider}.yaml
+            meta:
+              version: 0.0.1
+              arch: [amd64, arm64]
+              runner:
+                language: python
+                version: "3.12"
+                entrypoint: main
+            """
+        )
+    )
+    tool_list = "".join(f"  - tools/{tool}.yaml\n" for tool in tools)
+    (dest / "provider" / f"{provider}.yaml").write_text(
+        f"identity:\n  author: {author}\n  name: {provider}\n  label:\n    en_US: {name}\n"
+        f"  description:\n    en_US: Test tools.\n  icon: icon.svg\n"
+        f"tools:\n{tool_list}extra:\n  python:\n    source: provider/{provider}.py\n"
+    )
+    (dest / "provider" / f"{provider}.py").write_text(
+        "from typing import Any\n\nfrom dify_plugin import ToolProvider\n\n\n"
+        f"class {_camel(provider)}Provider(ToolProvider):\n"
+        "    def _validate_credentials(self, credentials: dict[str, Any]) -> None:\n"
+        "        pass\n"
+    )
+    for tool, body in tools.items():
+        (dest / "tools" / f"{tool}.yaml").write_text(
+            f"identity:\n  name: {tool}\n  author: {author}\n  label:\n    en_US: {tool}\n"
+            f"description:\n  human:\n    en_US: {tool}\n  llm: {tool}\n"
+            f"parameters: []\nextra:\n  python:\n    source: tools/{tool}.py\n"
+        )
+        (dest / "tools" / f"{tool}.py").write_text(
+            "from collections.abc import Generator\nfrom typing import Any\n\n"
+            "from dify_plugin import Tool\nfrom dify_plugin.entities.tool import ToolInvokeMessage\n\n\n"
+            f"class {_camel(tool)}Tool(Tool):\n"
+            "    def _invoke(self, tool_parameters: dict[str, Any]) -> Generator[ToolInvokeMessage]:\n"
+            + textwrap.indent(textwrap.dedent(body), " " * 8)
+        )
+    return dest
+
+
+def package_bytes(folder: Path) -> bytes:
+    """The `.difypkg` of a plugin folder."""
+    return build_package(folder)
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of ``pid`` from ``/proc`` (``Z`` for a zombie), ``None`` if it is gone."""
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            return stat_file.read().rsplit(b")", 1)[1].split()[0].decode()
+    return None
+
+
+def is_running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie waiting to be reaped does not count)."""
+    return process_state(pid) not in (None, "Z", "X")
