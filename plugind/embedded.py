@@ -79,6 +79,9 @@ async def embedded_services(
                 servers.append(await anyio.to_thread.run_sync(start, root / folder))
         by_name = {server.name: server.url for server in servers}
         urls = EmbeddedUrls(redis_url=by_name.get("valkey"), database_url=by_name.get("postgres"))
+        if not servers:
+            yield urls
+            return
         _write_runtime_file(root, urls)
         try:
             yield urls

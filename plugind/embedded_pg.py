@@ -93,9 +93,9 @@ def start_embedded_postgres(data_dir: Path) -> EmbeddedServer:
         leftovers = processes_in(data_dir, _PROCESS_NAME)
         if leftovers:
             log.warning(
-                "Stopping the Postgres an earlier run left on %s (pid %s)",
+                "Stopping the Postgres an earlier run left on %s (%d processes)",
                 data_dir,
-                min(p.pid for p in leftovers),
+                len(leftovers),
             )
             stop_processes(leftovers, signal.SIGINT, "Leftover Postgres", STOP_TIMEOUT)
         if (data_dir / "PG_VERSION").exists():
@@ -121,6 +121,9 @@ def start_embedded_postgres(data_dir: Path) -> EmbeddedServer:
             timeout=30,
             **run_as.kwargs(data_dir),
         )
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        stop()
+        raise EmbeddedServerError(f"Could not create the database {DATABASE!r}: {exc}") from None
     except BaseException:
         stop()
         raise

@@ -48,7 +48,8 @@ class _StopOnce:
         self._action = action
         self._lock = threading.Lock()
         self._done = False
-        atexit.register(self)
+        self._pid = os.getpid()
+        atexit.register(self._at_exit)
 
     def __call__(self) -> None:
         with self._lock:
@@ -56,7 +57,11 @@ class _StopOnce:
                 return
             self._action()
             self._done = True
-        atexit.unregister(self)
+        atexit.unregister(self._at_exit)
+
+    def _at_exit(self) -> None:
+        if os.getpid() == self._pid:  # a forked child inherits the hook, not the servers
+            self()
 
 
 @dataclass(frozen=True)

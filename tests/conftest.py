@@ -8,7 +8,9 @@ embedded Valkey and Postgres, started once per session under a temporary folder.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -40,8 +42,13 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="session")
-def _embedded_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("embedded")
+def _embedded_root() -> Iterator[Path]:
+    # Not under pytest's tmp root: that one is reset to 0700 per session, which the unprivileged
+    # user the embedded Postgres runs as (when we are root) cannot enter.
+    root = Path(tempfile.mkdtemp(prefix="plugind-embedded-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

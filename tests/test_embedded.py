@@ -195,6 +195,9 @@ async def test_embedded_services_publish_their_urls_while_they_run(tmp_root: Pat
     assert not _pids(tmp_root / "valkey", "valkey-server")
     assert not _pids(tmp_root / "postgres", "postgres")
 
+    async with embedded_services(tmp_root, redis=False, postgres=False) as nothing:
+        assert nothing == EmbeddedUrls()
+        assert not (tmp_root / "runtime.json").exists()
     async with embedded_services(tmp_root, redis=True, postgres=False) as only_redis:
         assert only_redis == EmbeddedUrls(redis_url=only_redis.redis_url, database_url=None)
         assert read_runtime_file(tmp_root) == only_redis

@@ -29,19 +29,6 @@ from plugind.runtime.package import build_package
 
 pytestmark = pytest.mark.anyio
 
-TEST_TOOLS = {
-    "echo": "yield self.create_text_message(str(tool_parameters.get('text', '')))",
-    "boom": "raise ValueError('the tool blew up: ' + str(tool_parameters.get('why', '')))",
-    "crash": (
-        "yield self.create_text_message('before the crash')\n"
-        "import os, sys\n"
-        "sys.stdout.flush()\n"
-        "os._exit(3)"
-    ),
-    "nap": "import time\ntime.sleep(float(tool_parameters['seconds']))\n"
-    "yield self.create_text_message('rested')",
-}
-
 
 @pytest.fixture(scope="session")
 def calc_package() -> bytes:
@@ -55,7 +42,6 @@ def testkit_package(tmp_path_factory: pytest.TempPathFactory) -> bytes:
         author="plugind",
         name="testkit",
         version="0.0.1",
-        tools=TEST_TOOLS,
     )
     return package_bytes(folder)
 
@@ -72,8 +58,8 @@ async def _tool(client: Client, plugin: str, provider: str, tool: str, **params:
     return await client.wait(rid, timeout=60)
 
 
-def _texts(event: TaskSucceeded) -> list[str]:
-    return [c["message"]["text"] for c in event.result.chunks if c.get("type") == "text"]
+def _json_chunks(event: TaskSucceeded) -> list[Any]:
+    return [c["message"]["json_object"] for c in event.result.chunks if c.get("type") == "json"]
 
 
 async def test_install_invoke_project_and_serve(
@@ -139,12 +125,13 @@ async def test_sdk_plugin_errors_crashes_and_timeouts(
     plugin = "plugind/testkit"
 
     ok = await _tool(client, plugin, "testkit", "echo", text="hello")
-    assert isinstance(ok, TaskSucceeded) and _texts(ok) == ["hello"]
+    assert isinstance(ok, TaskSucceeded), ok
+    assert _json_chunks(ok) == [{"echo": {"text": "hello"}}]
 
-    failed = await _tool(client, plugin, "testkit", "boom", why="on purpose")
+    failed = await _tool(client, plugin, "testkit", "raises", message="the tool blew up")
     assert isinstance(failed, TaskFailed), failed
     assert failed.error.code == "plugin_error"
-    assert "the tool blew up: on purpose" in failed.error.message
+    assert "the tool blew up" in failed.error.message
     assert failed.error.error_type == "ValueError"
 
     crashed = await _tool(client, plugin, "testkit", "crash")
@@ -153,9 +140,10 @@ async def test_sdk_plugin_errors_crashes_and_timeouts(
     assert crashed.duration_ms < 10_000
 
     again = await _tool(client, plugin, "testkit", "echo", text="back")
-    assert isinstance(again, TaskSucceeded) and _texts(again) == ["back"], again
+    assert isinstance(again, TaskSucceeded), again
+    assert _json_chunks(again) == [{"echo": {"text": "back"}}]
 
-    slow = await _tool(client, plugin, "testkit", "nap", seconds=5, _options={"timeout_s": 0.5})
+    slow = await _tool(client, plugin, "testkit", "sleep", seconds=5, _options={"timeout_s": 0.5})
     assert isinstance(slow, TaskTimedOut), slow
     assert slow.timeout_s == 0.5
 
