@@ -48,7 +48,8 @@ def settings(
 
 
 @pytest.fixture
-async def daemon(settings: Settings) -> AsyncIterator[Daemon]:
+async def daemon(settings: Settings, redis: Any) -> AsyncIterator[Daemon]:
+    # ``redis`` first, so its clean-up of the namespace runs after the daemon has stopped
     from plugind.daemon import running_daemon
 
     async with running_daemon(settings, shutdown_grace_s=5) as d:

@@ -51,6 +51,11 @@ child = subprocess.Popen(["sleep", "60"])
 yield self.create_json_message({"child_pid": child.pid})
 """
 
+BACKWARDS = """\
+value = self.session.storage.get("answer")
+yield self.create_text_message(value.decode())
+"""
+
 STANDARD_TOOLS = {
     "echo": ECHO,
     "raises": RAISES,
@@ -58,6 +63,7 @@ STANDARD_TOOLS = {
     "sleep": SLEEP,
     "env": ENV,
     "spawn": SPAWN,
+    "backwards": BACKWARDS,
 }
 
 ICON = (
@@ -141,9 +147,12 @@ def write_plugin(
         )
         (dest / "tools" / f"{tool}.py").write_text(
             "from collections.abc import Generator\nfrom typing import Any\n\n"
-            "from dify_plugin import Tool\nfrom dify_plugin.entities.tool import ToolInvokeMessage\n\n\n"
+            "from dify_plugin import Tool\n"
+            "from dify_plugin.entities.tool import ToolInvokeMessage\n\n\n"
             f"class {_camel(tool)}Tool(Tool):\n"
-            "    def _invoke(self, tool_parameters: dict[str, Any]) -> Generator[ToolInvokeMessage]:\n"
+            "    def _invoke(\n"
+            "        self, tool_parameters: dict[str, Any]\n"
+            "    ) -> Generator[ToolInvokeMessage]:\n"
             + textwrap.indent(textwrap.dedent(body), " " * 8)
         )
     return dest
@@ -156,9 +165,11 @@ def package_bytes(folder: Path) -> bytes:
 
 def process_state(pid: int) -> str | None:
     """The state letter of ``pid`` from ``/proc`` (``Z`` for a zombie), ``None`` if it is gone."""
-    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-        with open(f"/proc/{pid}/stat", "rb") as stat_file:
-            return stat_file.read().rsplit(b")", 1)[1].split()[0].decode()
+    with (
+        contextlib.suppress(FileNotFoundError, ProcessLookupError),
+        open(f"/proc/{pid}/stat", "rb") as stat_file,
+    ):
+        return stat_file.read().rsplit(b")", 1)[1].split()[0].decode()
     return None
 
 

@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from plugin_factory import ECHO, package_bytes, write_plugin
 
 from plugind.errors import PlugindError
 from plugind.runtime.extract import MARKER, extract
@@ -21,7 +22,6 @@ from plugind.runtime.package import (
     parse_identifier,
     read_package,
 )
-from plugin_factory import ECHO, package_bytes, write_plugin
 
 CALC = Path(__file__).resolve().parent.parent / "examples" / "plugins" / "calc"
 MiB = 1024 * 1024
@@ -53,6 +53,11 @@ def zip_of(files: dict[str, bytes | str], *, symlinks: tuple[str, ...] = ()) -> 
 def plugin_files(folder: Path) -> dict[str, bytes | str]:
     with zipfile.ZipFile(io.BytesIO(package_bytes(folder))) as zf:
         return {name: zf.read(name) for name in zf.namelist()}
+
+
+def text_of(files: dict[str, bytes | str], name: str) -> str:
+    value = files[name]
+    return value.decode() if isinstance(value, bytes) else value
 
 
 @pytest.fixture
@@ -169,6 +174,7 @@ def test_rejects_missing_manifest(good_files: dict[str, bytes | str]) -> None:
         ("entrypoint: main", "entrypoint: missing", "`meta.runner.entrypoint`"),
         ("language: python", "language: go", "`meta.runner.language`"),
         ("icon: icon.svg", "icon: nope.svg", "`icon`"),
+        ("icon: icon.svg", "icon: icon.svg\nicon_dark: dark.svg", "`icon_dark`"),
         ("memory: 268435456", "memory: lots", "`resource.memory`"),
         ("arch: [amd64, arm64]", "arch: [riscv]", "`meta.arch`"),
         ("    - provider/tester.yaml", "    - provider/missing.yaml", "`plugins.tools[0]`"),
@@ -178,12 +184,18 @@ def test_rejects_missing_manifest(good_files: dict[str, bytes | str]) -> None:
 def test_rejects_bad_manifest_fields(
     good_files: dict[str, bytes | str], old: str, new: str, field: str
 ) -> None:
-    manifest = str(good_files["manifest.yaml"], "utf-8") if isinstance(
-        good_files["manifest.yaml"], bytes
-    ) else good_files["manifest.yaml"]
+    manifest = text_of(good_files, "manifest.yaml")
     assert old in manifest
     good_files["manifest.yaml"] = manifest.replace(old, new)
     rejects(zip_of(good_files), "invalid_package", "manifest.yaml", field)
+
+
+def test_accepts_what_dify_accepts(good_files: dict[str, bytes | str]) -> None:
+    text = text_of(good_files, "manifest.yaml")
+    good_files["manifest.yaml"] = text.replace('version: "3.12"', "version: 3.12")
+    assert good_files["manifest.yaml"] != text
+    package = read_package(zip_of(good_files), max_size=50 * MiB)
+    assert package.summary().runner["version"] == "3.12"
 
 
 def test_rejects_manifest_that_is_not_yaml(good_files: dict[str, bytes | str]) -> None:
@@ -249,7 +261,8 @@ def test_extract_stays_inside_dest_and_is_idempotent(calc_data: bytes, tmp_path:
     with zipfile.ZipFile(io.BytesIO(calc_data)) as zf:
         assert written == sorted([*zf.namelist(), MARKER])
     outside = [
-        p for p in (tmp_path / "plugins").rglob("*")
+        p
+        for p in (tmp_path / "plugins").rglob("*")
         if p.is_file() and not p.resolve().is_relative_to(dest.resolve())
     ]
     assert outside == []
@@ -279,8 +292,14 @@ def test_extract_refuses_hostile_entries_even_unverified(
     good_files["../../escaped.txt"] = b"gotcha"
     data = zip_of(good_files)
     package = PluginPackage(
-        data=data, sha256="0", checksum="0" * 64, author="acme", name="tester", version="0.1.0",
-        manifest={}, declaration={},
+        data=data,
+        sha256="0",
+        checksum="0" * 64,
+        author="acme",
+        name="tester",
+        version="0.1.0",
+        manifest={},
+        declaration={},
     )
     dest = tmp_path / "a" / "b" / "dest"
     with pytest.raises(PlugindError) as caught:
@@ -306,8 +325,15 @@ def test_build_package_is_deterministic(tmp_path: Path) -> None:
 
 def test_build_package_skips_environments_and_honours_difyignore(tmp_path: Path) -> None:
     folder = write_plugin(tmp_path / "p", tools={"echo": ECHO})
-    for junk in (".venv/bin/python", "__pycache__/main.cpython-312.pyc", ".git/HEAD",
-                 "tools/echo.pyc", "old.difypkg", "notes/secret.txt", "scratch.log"):
+    for junk in (
+        ".venv/bin/python",
+        "__pycache__/main.cpython-312.pyc",
+        ".git/HEAD",
+        "tools/echo.pyc",
+        "old.difypkg",
+        "notes/secret.txt",
+        "scratch.log",
+    ):
         (folder / junk).parent.mkdir(parents=True, exist_ok=True)
         (folder / junk).write_text("junk")
     (folder / ".difyignore").write_text("notes/\n*.log\n")

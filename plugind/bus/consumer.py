@@ -124,6 +124,13 @@ class StreamConsumer:
                         block=None if start == "0" else self._block_ms,
                     )
                     backoff = 0.1
+                except ResponseError as exc:
+                    if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
+                        raise
+                    # someone deleted the stream or the group under us: recreate, carry on
+                    log.warning("%s on %s; recreating the group", exc, self.stream)
+                    await ensure_group(self._redis, self.stream, self.group)
+                    continue
                 except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                     log.warning(
                         "Reading %s failed (%s); retrying in %.1fs", self.stream, exc, backoff

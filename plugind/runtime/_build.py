@@ -27,7 +27,7 @@ ALWAYS_SKIPPED_SUFFIXES = (".pyc", ".difypkg")
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can hold
 
 
-def _ignore_spec(root: Path) -> pathspec.PathSpec:
+def _ignore_spec(root: Path) -> pathspec.GitIgnoreSpec:
     for name in (".difyignore", ".gitignore"):
         path = root / name
         if path.is_file():
@@ -47,7 +47,11 @@ def package_files(source_dir: Path) -> list[tuple[str, Path]]:
         kept: list[str] = []
         for name in sorted(dirs):
             rel = prefix + name
-            if name in ALWAYS_SKIPPED_DIRS or spec.match_file(rel + "/") or (here / name).is_symlink():
+            if (
+                name in ALWAYS_SKIPPED_DIRS
+                or spec.match_file(rel + "/")
+                or (here / name).is_symlink()
+            ):
                 continue
             kept.append(name)
         dirs[:] = kept
@@ -60,7 +64,8 @@ def package_files(source_dir: Path) -> list[tuple[str, Path]]:
                 target = path.resolve()
                 if not target.is_relative_to(root):
                     raise PlugindError(
-                        "invalid_package", f"{rel} is a symlink to {target}, outside the plugin folder"
+                        "invalid_package",
+                        f"{rel} is a symlink to {target}, outside the plugin folder",
                     )
             if not path.is_file():
                 continue

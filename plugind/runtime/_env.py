@@ -39,7 +39,9 @@ _UV_NAMES = frozenset(
 _UV_PREFIXES = ("UV_",)
 
 
-def _pick(source: Mapping[str, str], names: frozenset[str], prefixes: tuple[str, ...]) -> dict[str, str]:
+def _pick(
+    source: Mapping[str, str], names: frozenset[str], prefixes: tuple[str, ...]
+) -> dict[str, str]:
     return {k: v for k, v in source.items() if k in names or k.startswith(prefixes)}
 
 

@@ -43,10 +43,9 @@ PROVIDER_KINDS: dict[str, tuple[str, str]] = {
 _CREDENTIAL_KINDS = ("tools", "datasources")
 
 try:
-    _Loader: type[yaml.SafeLoader] = yaml.CSafeLoader
+    _Loader: Any = yaml.CSafeLoader
 except AttributeError:  # pragma: no cover - PyYAML built without libyaml
     _Loader = yaml.SafeLoader
-
 
 
 class YamlSource(Protocol):
@@ -63,7 +62,7 @@ class YamlSource(Protocol):
 def parse_yaml(raw: bytes, path: str) -> Any:
     """Parse one YAML file of the package into JSON-compatible values."""
     try:
-        value = yaml.load(raw, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        value = yaml.load(raw, Loader=_Loader)  # a SafeLoader: no Python objects from YAML
     except yaml.YAMLError as exc:
         raise PlugindError("invalid_package", f"{path} is not valid YAML: {exc}") from None
     budget = [MAX_YAML_NODES]
@@ -102,7 +101,9 @@ def _mapping(container: dict[str, Any], key: str, field: str) -> dict[str, Any]:
     return value
 
 
-def _text(container: dict[str, Any], key: str, field: str, pattern: re.Pattern[str] | None = None) -> str:
+def _text(
+    container: dict[str, Any], key: str, field: str, pattern: re.Pattern[str] | None = None
+) -> str:
     value = container.get(key)
     if not isinstance(value, str) or not value:
         raise _fail(field, f"is required and must be a non-empty string, got {value!r}")
@@ -131,6 +132,9 @@ def validate_manifest(manifest: Any, files: set[str]) -> dict[str, Any]:
     icon = _text(manifest, "icon", "icon")
     if f"_assets/{icon}" not in files:
         raise _fail("icon", f"names _assets/{icon}, which is not in the package")
+    icon_dark = manifest.get("icon_dark")
+    if icon_dark and f"_assets/{icon_dark}" not in files:
+        raise _fail("icon_dark", f"names _assets/{icon_dark}, which is not in the package")
     if manifest.get("created_at") in (None, ""):
         raise _fail("created_at", "is required (an RFC 3339 time)")
     resource = _mapping(manifest, "resource", "resource")
@@ -145,11 +149,15 @@ def validate_manifest(manifest: Any, files: set[str]) -> dict[str, Any]:
     runner = _mapping(meta, "runner", "meta.runner")
     if runner.get("language") != "python":
         raise _fail("meta.runner.language", f"must be 'python', got {runner.get('language')!r}")
+    if isinstance(runner.get("version"), int | float) and not isinstance(runner["version"], bool):
+        runner["version"] = str(runner["version"])  # an unquoted `version: 3.12`, as Go reads it
     _text(runner, "version", "meta.runner.version")
     entrypoint = _text(runner, "entrypoint", "meta.runner.entrypoint", ENTRYPOINT_RE)
     module = entrypoint.replace(".", "/")
     if f"{module}.py" not in files and f"{module}/__main__.py" not in files:
-        raise _fail("meta.runner.entrypoint", f"is {entrypoint!r} but {module}.py is not in the package")
+        raise _fail(
+            "meta.runner.entrypoint", f"is {entrypoint!r} but {module}.py is not in the package"
+        )
 
     plugins = _mapping(manifest, "plugins", "plugins")
     present: list[str] = []
@@ -166,13 +174,17 @@ def validate_manifest(manifest: Any, files: set[str]) -> dict[str, Any]:
         if value:
             present.append(key)
     if not present:
-        raise _fail("plugins", f"must list at least one provider file ({', '.join(PROVIDER_KINDS)})")
+        raise _fail(
+            "plugins", f"must list at least one provider file ({', '.join(PROVIDER_KINDS)})"
+        )
     if "models" in present and len(present) > 1:
         raise _fail("plugins", "a model plugin cannot also provide tools, endpoints or others")
     return manifest
 
 
-def build_declaration(manifest: dict[str, Any], source: YamlSource) -> tuple[dict[str, Any], list[str]]:
+def build_declaration(
+    manifest: dict[str, Any], source: YamlSource
+) -> tuple[dict[str, Any], list[str]]:
     """Dify's plugin declaration and the ``provider/tool`` names of its tools."""
     declaration = copy.deepcopy(manifest)
     declaration["verified"] = False
@@ -193,7 +205,9 @@ def build_declaration(manifest: dict[str, Any], source: YamlSource) -> tuple[dic
                 for tool in provider[files_key]:
                     identity = tool.get("identity") if isinstance(tool, dict) else None
                     if not isinstance(identity, dict) or not identity.get("name"):
-                        raise PlugindError("invalid_package", f"a tool of {path} has no identity.name")
+                        raise PlugindError(
+                            "invalid_package", f"a tool of {path} has no identity.name"
+                        )
                     tool_names.append(f"{provider_name}/{identity['name']}")
             declaration[target] = provider  # Dify keeps one provider per kind: the last listed
     _fill_defaults(declaration)

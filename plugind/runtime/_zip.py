@@ -51,7 +51,9 @@ def open_zip(data: bytes) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile as exc:
-        raise PlugindError("invalid_package", f"the package is not a valid zip file: {exc}") from None
+        raise PlugindError(
+            "invalid_package", f"the package is not a valid zip file: {exc}"
+        ) from None
     except (OSError, ValueError, EOFError) as exc:
         raise PlugindError("invalid_package", f"the package zip cannot be read: {exc}") from None
 
@@ -81,9 +83,7 @@ def _name(info: zipfile.ZipInfo) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise PlugindError(
-            "invalid_package", f"entry name {raw!r} is not UTF-8 text"
-        ) from None
+        raise PlugindError("invalid_package", f"entry name {raw!r} is not UTF-8 text") from None
 
 
 def check_name(name: str, *, directory: bool) -> tuple[str, ...]:
@@ -98,11 +98,15 @@ def check_name(name: str, *, directory: bool) -> tuple[str, ...]:
     parts = tuple(body.split("/"))
     for part in parts:
         if part == "..":
-            raise PlugindError("unsafe_package", f"entry {name!r} climbs out of the package with '..'")
+            raise PlugindError(
+                "unsafe_package", f"entry {name!r} climbs out of the package with '..'"
+            )
         if part in ("", "."):
             raise PlugindError("unsafe_package", f"entry {name!r} has an empty or '.' path segment")
         if len(part) > MAX_SEGMENT_LENGTH:
-            raise PlugindError("unsafe_package", f"entry {name!r} has a path segment over 255 characters")
+            raise PlugindError(
+                "unsafe_package", f"entry {name!r} has a path segment over 255 characters"
+            )
     return parts
 
 
@@ -154,9 +158,8 @@ def checked_entries(
                     f"the package inflates to more than {max_uncompressed} bytes "
                     "(a zip bomb, or far too big)",
                 )
-            if (
-                info.file_size > RATIO_MIN_SIZE
-                and info.file_size > MAX_RATIO * max(info.compress_size, 1)
+            if info.file_size > RATIO_MIN_SIZE and info.file_size > MAX_RATIO * max(
+                info.compress_size, 1
             ):
                 raise PlugindError(
                     "unsafe_package",
@@ -167,9 +170,9 @@ def checked_entries(
     for parts in files:
         for depth in range(1, len(parts)):
             if parts[:depth] in files:
+                inner, outer = "/".join(parts), "/".join(parts[:depth])
                 raise PlugindError(
-                    "invalid_package",
-                    f"entry {'/'.join(parts)!r} is inside {'/'.join(parts[:depth])!r}, which is a file",
+                    "invalid_package", f"entry {inner!r} is inside {outer!r}, which is a file"
                 )
     return entries
 

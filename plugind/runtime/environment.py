@@ -59,8 +59,13 @@ def _requirements(workdir: Path) -> Path:
 
 def _fingerprint(requirements: Path, python: Path, index_url: str | None, offline: bool) -> str:
     digest = hashlib.sha256()
-    for part in (requirements.name.encode(), requirements.read_bytes(), str(python).encode(),
-                 (index_url or "").encode(), b"offline" if offline else b"online"):
+    for part in (
+        requirements.name.encode(),
+        requirements.read_bytes(),
+        str(python).encode(),
+        (index_url or "").encode(),
+        b"offline" if offline else b"online",
+    ):
         digest.update(hashlib.sha256(part).digest())
     return digest.hexdigest()
 
@@ -105,8 +110,9 @@ async def ensure_environment(
     """Build ``workdir/.venv`` unless it is already built for these inputs; its python.
 
     ``offline`` installs without a network (``--offline``): from the wheels the package ships
-    in ``wheels/`` when it has that folder (``--no-index --find-links``), else from uv's cache. Failure, including
-    ``timeout``, raises ``dependency_install_failed`` with the end of uv's output.
+    in ``wheels/`` when it has that folder (``--no-index --find-links``), else from uv's
+    cache. Failure, including ``timeout``, raises ``dependency_install_failed`` with the end
+    of uv's output.
     """
     workdir = Path(workdir)
     requirements = _requirements(workdir)

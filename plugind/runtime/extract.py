@@ -53,13 +53,17 @@ def _unpack(package: PluginPackage, root: Path) -> None:
         for entry in entries:
             target = real_root.joinpath(*entry.name.split("/"))
             if not target.resolve().is_relative_to(real_root):
-                raise PlugindError("unsafe_package", f"entry {entry.name!r} would land outside {root}")
+                raise PlugindError(
+                    "unsafe_package", f"entry {entry.name!r} would land outside {root}"
+                )
             if entry.is_dir:
                 target.mkdir(parents=True, exist_ok=True)
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             mode = 0o755 if entry.executable else 0o644
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+            flags = (
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+            )
             fd = os.open(target, flags, mode)
             with os.fdopen(fd, "wb") as out:
                 for chunk in _zip.iter_content(zf, entry):

@@ -68,9 +68,9 @@ def _candidates() -> list[Path]:
             for binary in sorted((folder / "bin").glob("python3.1[2-9]")):
                 found.append(binary)
     for name in ("python3.14", "python3.13", "python3.12", "python3"):
-        path = shutil.which(name)
-        if path:
-            found.append(Path(path))
+        on_path = shutil.which(name)
+        if on_path:
+            found.append(Path(on_path))
     unique: list[Path] = []
     for path in found:
         if path not in unique and path.exists():
@@ -84,7 +84,8 @@ def _check_explicit(explicit: str) -> Path:
         resolved = shutil.which(explicit)
         if resolved is None:
             raise PlugindError(
-                "plugin_start_failed", f"PLUGIN_PYTHON={explicit} is not a file or a command on PATH"
+                "plugin_start_failed",
+                f"PLUGIN_PYTHON={explicit} is not a file or a command on PATH",
             )
         path = Path(resolved)
     if not path.exists():
@@ -124,7 +125,7 @@ def _discover() -> Path:
 
 
 def find_plugin_python(explicit: str | None) -> Path:
-    """The interpreter for plugin environments: ``explicit`` (``PLUGIN_PYTHON``) or the newest found.
+    """The interpreter for plugins: ``explicit`` (``PLUGIN_PYTHON``), else the newest found.
 
     Blocking (it runs the candidates once; the answer is cached): call it in a worker thread
     from async code. Raises ``plugin_start_failed`` with what to do when there is none.

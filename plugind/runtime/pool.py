@@ -1,29 +1,34 @@
 """The plugin processes of this node: up to ``instances`` per installed plugin.
 
-Processes start lazily, on first use. A request goes to an idle live process when there is
-one; when all are busy and a slot is free another process is started (one SDK process runs on
-one core, since the SDK is single-threaded under gevent); otherwise it goes to the least loaded.
-A process that crashed is replaced on next use, after an exponential backoff (0.5 s doubling to
-30 s; reset once a process has stayed up for a minute), so a plugin that dies at every request
-cannot turn the node into a fork loop. Callers that need the same process share its start.
+Processes start lazily, on first use, and callers that need the same process share its start.
+A request goes to an idle live process when there is one. When all are busy, it goes to the
+least loaded one, and if a slot is free another process is spawned for the requests after it
+(an SDK process is single-threaded under gevent, so one process is one core). A process that
+crashed is replaced on next use, after an exponential backoff (0.5 s doubling to 30 s, back to
+the start once a process has stayed up for a minute), so a plugin that dies at every request
+cannot turn the node into a fork loop.
 
 No background task is involved: the pool acts inside its callers' tasks, and each process's
-reader is a thread owned by that process (see :mod:`plugind.runtime.process`). So the pool
-needs no task group of its own; :meth:`PluginPool.aclose` stops everything.
+reader is a thread owned by that process (see :mod:`plugind.runtime.process`). That is also
+why a start outlives the caller that began it: a process keeps starting after its first
+caller's deadline, and the next caller finds it ready. Bookkeeping (starts, crashes, backoff)
+is brought up to date whenever the pool looks at a slot. :meth:`PluginPool.aclose` stops all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import anyio
 
 from plugind.errors import PlugindError
+from plugind.runtime._slots import Group as _Group
+from plugind.runtime._slots import Slot as _Slot
 from plugind.runtime.process import ChunkCallback, PluginProcess, PluginRequest
 
 log = logging.getLogger("plugind.runtime")
@@ -58,34 +63,6 @@ class PoolSnapshot(NamedTuple):
     restarts: int
 
 
-@dataclass(eq=False)
-class _Slot:
-    index: int
-    process: PluginProcess | None = None
-    lock: anyio.Lock = field(default_factory=anyio.Lock)
-    starting: bool = False
-    attempts: int = 0  # start attempts; waiters compare it to share a failed start
-    started: int = 0  # successful starts
-    failures: int = 0  # consecutive crashes or failed starts
-    next_start_at: float = 0.0  # time.monotonic() before which no start is attempted
-    crash_recorded: bool = True
-    last_error: PlugindError | None = None
-
-
-@dataclass(eq=False)
-class _Group:
-    identifier: str
-    workdir: Path
-    python: Path
-    entrypoint: str
-    slots: list[_Slot]
-    restarts: int = 0
-    closed: bool = False
-
-    def live(self) -> list[PluginProcess]:
-        return [s.process for s in self.slots if s.process is not None and s.process.alive]
-
-
 class PluginPool:
     """Plugin processes keyed by unique identifier; see the module docstring."""
 
@@ -116,12 +93,15 @@ class PluginPool:
 
     # ------------------------------------------------------------------ public
 
-    async def start(self, identifier: str, workdir: Path, venv_python: Path, entrypoint: str) -> None:
+    async def start(
+        self, identifier: str, workdir: Path, venv_python: Path, entrypoint: str
+    ) -> None:
         """Make sure ``identifier`` has a running process (install's launch step).
 
         An explicit start does not wait out a crash backoff. Raises ``plugin_start_failed``.
         """
         group = self._group(identifier, workdir, venv_python, entrypoint)
+        self._account(group)
         if group.live():
             return
         deadline = time.monotonic() + self.ready_timeout + self.kill_grace
@@ -140,8 +120,9 @@ class PluginPool:
     ) -> list[Any]:
         """Run ``request`` on a process of ``identifier``, starting one if needed.
 
-        ``timeout`` covers everything, a process start included. Raises the errors of
-        :meth:`PluginProcess.invoke`, and ``plugin_start_failed`` when no process will start.
+        ``timeout`` covers everything, waiting for a start included. Raises the errors of
+        :meth:`PluginProcess.invoke`, ``plugin_start_failed`` when the process will not start,
+        and ``plugin_crashed`` when it keeps crashing and its next start is after the deadline.
         """
         deadline = time.monotonic() + timeout
         group = self._group(identifier, workdir, venv_python, entrypoint)
@@ -173,6 +154,7 @@ class PluginPool:
         now = time.monotonic()
         plugins: list[PluginStats] = []
         for group in self._groups.values():
+            self._account(group)
             stats: list[ProcessStats] = []
             for slot in group.slots:
                 proc = slot.process
@@ -204,7 +186,7 @@ class PluginPool:
             restarts=sum(p.restarts for p in plugins),
         )
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ choosing a process
 
     def _group(self, identifier: str, workdir: Path, python: Path, entrypoint: str) -> _Group:
         if self._closed:
@@ -219,84 +201,72 @@ class PluginPool:
         return group
 
     async def _acquire(self, group: _Group, deadline: float) -> PluginProcess:
+        self._account(group, enforce=True)
         live = group.live()
         idle = [p for p in live if p.in_flight == 0]
         if idle:
             return idle[0]
-        free = [s for s in group.slots if not s.starting and not (s.process and s.process.alive)]
         if live:
-            # All busy: grow towards `instances` if a slot may start now, else share the load.
-            now = time.monotonic()
-            due = [s for s in free if self._due(s) <= now]
-            if due:
-                try:
-                    return await self._start_slot(group, due[0], deadline, wait_backoff=False)
-                except PlugindError as exc:
-                    live = group.live()
-                    if exc.code == "timeout" or not live:
-                        raise
+            await self._grow(group)
             return min(live, key=lambda p: p.in_flight)
         starting = [s for s in group.slots if s.starting]
-        slot = starting[0] if starting else min(free, key=self._due)
+        slot = starting[0] if starting else min(group.slots, key=lambda s: s.next_start_at)
         return await self._start_slot(group, slot, deadline, wait_backoff=True)
 
-    def _due(self, slot: _Slot) -> float:
-        """When ``slot`` may start again, recording the crash of its process first."""
-        proc = slot.process
-        if proc is not None and proc.exited_at is not None and not slot.crash_recorded:
-            slot.crash_recorded = True
-            uptime = proc.exited_at - (proc.started_at or proc.exited_at)
-            slot.failures = 1 if uptime >= self.healthy_after else slot.failures + 1
-            slot.next_start_at = proc.exited_at + self._backoff(slot.failures)
-        return slot.next_start_at
+    async def _grow(self, group: _Group) -> None:
+        """All live processes are busy: spawn one more in a free slot, without waiting for it."""
+        now = time.monotonic()
+        for slot in group.slots:
+            if slot.free and slot.next_start_at <= now:
+                async with slot.lock:
+                    await self._clear(slot)
+                    with contextlib.suppress(PlugindError):  # recorded; the busy ones serve
+                        self._spawn(group, slot)
+                return
 
-    def _backoff(self, failures: int) -> float:
-        return float(min(self.backoff_initial * 2 ** max(failures - 1, 0), self.backoff_max))
+    # ------------------------------------------------------------------ starting
 
     async def _start_slot(
         self, group: _Group, slot: _Slot, deadline: float, *, wait_backoff: bool
     ) -> PluginProcess:
+        """A ready process in ``slot``: the one there, the one starting there, or a new one."""
         attempts = slot.attempts
         async with slot.lock:
+            self._account(group)
             proc = slot.process
             if proc is not None and proc.alive:
-                return proc  # another caller started it while we waited
+                return proc
             if slot.attempts != attempts and slot.last_error is not None:
                 raise slot.last_error  # the start we waited for failed: share its error
-            if proc is not None:
-                self._due(slot)
-                await proc.aclose()
-                slot.process = None
-            wait = slot.next_start_at - time.monotonic()
-            if wait_backoff and wait > 0:
-                if time.monotonic() + wait >= deadline:
-                    raise PlugindError(
-                        "plugin_crashed",
-                        f"{group.identifier} failed {slot.failures} time(s) in a row; "
-                        f"next start in {wait:.1f}s",
-                    )
-                await anyio.sleep(wait)
-            slot.starting = True
-            slot.attempts += 1
-            slot.last_error = None
-            try:
-                proc = await self._spawn(group, deadline)
-            except PlugindError as exc:
-                if exc.code != "timeout":  # the caller's deadline is not the plugin's fault
-                    slot.failures += 1
-                    slot.next_start_at = time.monotonic() + self._backoff(slot.failures)
-                    slot.last_error = exc
-                raise
-            finally:
-                slot.starting = False
-            slot.process = proc
-            slot.crash_recorded = False
-            slot.started += 1
-            if slot.started > 1:
-                group.restarts += 1
-            return proc
+            if proc is None or not proc.starting:
+                await self._clear(slot)
+                await self._wait_backoff(group, slot, deadline, wait_backoff)
+                proc = self._spawn(group, slot)
+            return await self._await_ready(group, slot, proc, deadline)
 
-    async def _spawn(self, group: _Group, deadline: float) -> PluginProcess:
+    async def _clear(self, slot: _Slot) -> None:
+        """Dispose of the slot's dead process (its exit is already accounted for)."""
+        if slot.process is not None and not slot.process.alive and not slot.process.starting:
+            await slot.process.aclose()
+            slot.process = None
+
+    async def _wait_backoff(
+        self, group: _Group, slot: _Slot, deadline: float, wait_backoff: bool
+    ) -> None:
+        wait = slot.next_start_at - time.monotonic()
+        if not wait_backoff or wait <= 0:
+            return
+        if time.monotonic() + wait >= deadline:
+            raise PlugindError(
+                "plugin_crashed",
+                f"{group.identifier} failed {slot.failures} time(s) in a row; "
+                f"next start in {wait:.1f}s",
+            )
+        await anyio.sleep(wait)
+
+    def _spawn(self, group: _Group, slot: _Slot) -> PluginProcess:
+        slot.attempts += 1
+        slot.last_error = None
         proc = PluginProcess(
             group.identifier,
             group.workdir,
@@ -306,20 +276,93 @@ class PluginPool:
             max_line_size=self.max_result_size + _LINE_SLACK,
             kill_grace=self.kill_grace,
         )
-        budget = deadline - time.monotonic()
-        with anyio.move_on_after(max(budget, 0)) as scope:
-            await proc.start(self.ready_timeout)
-        if scope.cancelled_caught:
-            raise PlugindError(
-                "timeout",
-                f"{group.identifier} was still starting when the task's time ran out",
-            )
+        try:
+            proc.spawn()
+        except PlugindError as exc:
+            self._count_failure(slot, exc, time.monotonic())
+            raise
+        slot.process, slot.counted, slot.exit_recorded = proc, False, False
+        return proc
+
+    async def _await_ready(
+        self, group: _Group, slot: _Slot, proc: PluginProcess, deadline: float
+    ) -> PluginProcess:
+        ready_by = (proc.started_at or time.monotonic()) + self.ready_timeout
+        try:
+            ready = await proc.wait_ready(min(deadline, ready_by) - time.monotonic())
+        except PlugindError as exc:
+            if not slot.exit_recorded:
+                slot.exit_recorded = True
+                self._count_failure(slot, exc, proc.exited_at or time.monotonic())
+            await proc.aclose()
+            raise
+        if not ready:
+            if time.monotonic() < ready_by:
+                raise PlugindError(
+                    "timeout", f"{group.identifier} was still starting when the time ran out"
+                )
+            error = proc.no_heartbeat_error(self.ready_timeout)
+            slot.exit_recorded = True
+            self._count_failure(slot, error, time.monotonic())
+            await proc.aclose()
+            raise error
         if group.closed:
             await proc.aclose()
             raise PlugindError(
                 "plugin_start_failed", f"{group.identifier} was stopped while it was starting"
             )
+        self._account(group)
         return proc
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _account(self, group: _Group, *, enforce: bool = False) -> None:
+        """Count starts and exits that happened since the pool last looked.
+
+        With ``enforce``, a process that has been starting for longer than ``ready_timeout``
+        with nobody waiting for it is killed; its exit is counted as a failed start next time.
+        """
+        now = time.monotonic()
+        for slot in group.slots:
+            proc = slot.process
+            if proc is None:
+                continue
+            if proc.became_ready and not slot.counted:
+                slot.counted = True
+                slot.started += 1
+                slot.last_error = None
+                if slot.started > 1:
+                    group.restarts += 1
+            if proc.exited_at is not None and not slot.exit_recorded:
+                slot.exit_recorded = True
+                if proc.became_ready:
+                    uptime = proc.exited_at - (proc.started_at or proc.exited_at)
+                    slot.failures = 1 if uptime >= self.healthy_after else slot.failures + 1
+                    slot.next_start_at = proc.exited_at + self._backoff(slot.failures)
+                    log.info(
+                        "Plugin %s crashed after %.1fs up (%d in a row); next start in %.1fs",
+                        group.identifier,
+                        uptime,
+                        slot.failures,
+                        max(slot.next_start_at - now, 0),
+                    )
+                else:
+                    self._count_failure(slot, proc.exit_error(), proc.exited_at)
+            elif (
+                enforce
+                and proc.starting
+                and not slot.lock.locked()
+                and now >= (proc.started_at or now) + self.ready_timeout
+            ):
+                proc.kill(f"no heartbeat within {self.ready_timeout:g}s")
+
+    def _count_failure(self, slot: _Slot, error: PlugindError, at: float) -> None:
+        slot.failures += 1
+        slot.next_start_at = at + self._backoff(slot.failures)
+        slot.last_error = error
+
+    def _backoff(self, failures: int) -> float:
+        return float(min(self.backoff_initial * 2 ** max(failures - 1, 0), self.backoff_max))
 
     async def _close_group(self, group: _Group) -> None:
         group.closed = True

@@ -15,14 +15,10 @@ state is touched on the loop only. Requests are written from the loop, non-block
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import os
-import selectors
 import signal
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -31,65 +27,27 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.from_thread
 import anyio.lowlevel
-from anyio.streams.memory import MemoryObjectSendStream
 
 from plugind.errors import PlugindError
 from plugind.runtime import protocol
 from plugind.runtime._env import plugin_env
+from plugind.runtime._reader import OutputReader, describe_exit, signal_group, warn_if_pid1
+from plugind.runtime._sessions import SessionTable
 from plugind.runtime.protocol import PluginRequest
 
 __all__ = ["ChunkCallback", "PluginProcess", "PluginRequest"]
 
 log = logging.getLogger("plugind.runtime")
-plugin_log = logging.getLogger("plugind.plugin")
 
 ChunkCallback = Callable[[Any], Awaitable[None]]
 
 DEFAULT_MAX_LINE = 64 * 1024 * 1024
-_READ_SIZE = 1024 * 1024
-_LOG_LEVELS = {"DEBUG": 10, "INFO": 20, "WARN": 30, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
-_pid1_warned = False
-
-
-def describe_exit(returncode: int | None) -> str:
-    if returncode is None:
-        return "stopped answering"
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"was killed by {name}"
-    return f"exited with status {returncode}"
 
 
 @dataclass(frozen=True, slots=True)
 class _Exit:
-    returncode: int | None
-    stderr_tail: str
-
-
-class _Session:
-    """The loop-side end of one invocation: items go to the waiting :meth:`invoke`."""
-
-    __slots__ = ("done", "max_size", "received", "send")
-
-    def __init__(self, send: MemoryObjectSendStream[tuple[str, Any]], max_size: int) -> None:
-        self.send = send
-        self.max_size = max_size
-        self.received = 0
-        self.done = False
-
-    def put(self, kind: str, value: Any) -> None:
-        if not self.done:
-            with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-                self.send.send_nowait((kind, value))
-
-    def finish(self, kind: str, value: Any) -> None:
-        self.put(kind, value)
-        self.done = True
+    returncode: int | None  # None: it could not be reaped
 
 
 class PluginProcess:
@@ -113,17 +71,14 @@ class PluginProcess:
         self.entrypoint = entrypoint
         self.max_line_size = max_line_size
         self.kill_grace = kill_grace
-        self.declaration: dict[str, Any] | None = None
         self.started_at: float | None = None  # time.monotonic()
         self.exited_at: float | None = None
         self.last_heartbeat: float | None = None
         self._env = plugin_env(env)
         self._tail_bytes = stderr_tail_bytes
-        self._stderr_tail = bytearray()
         self._popen: subprocess.Popen[bytes] | None = None
-        self._thread: threading.Thread | None = None
-        self._token: anyio.lowlevel.EventLoopToken | None = None
-        self._sessions: dict[str, _Session] = {}
+        self._reader: OutputReader | None = None
+        self._sessions = SessionTable(identifier)
         self._ready: anyio.Event | None = None
         self._exited: anyio.Event | None = None
         self._write_lock: anyio.Lock | None = None
@@ -147,12 +102,32 @@ class PluginProcess:
         return self._is_ready and self._exit is None and not self._stopping
 
     @property
+    def became_ready(self) -> bool:
+        """Whether the first heartbeat ever came (it stays true after an exit)."""
+        return self._is_ready
+
+    @property
+    def starting(self) -> bool:
+        """Spawned, not ready yet, not exited: a later caller may still wait for it."""
+        return (
+            self._popen is not None
+            and not self._is_ready
+            and self._exit is None
+            and not self._stopping
+        )
+
+    @property
     def in_flight(self) -> int:
         return len(self._sessions)
 
     @property
     def stderr_tail(self) -> str:
-        return self._stderr_tail.decode("utf-8", "replace")
+        return self._reader.stderr_tail if self._reader is not None else ""
+
+    @property
+    def declaration(self) -> dict[str, Any] | None:
+        """The manifest as the SDK parsed it: the first line the plugin wrote."""
+        return self._reader.declaration if self._reader is not None else None
 
     def _stderr_note(self) -> str:
         tail = self.stderr_tail.strip()
@@ -162,21 +137,33 @@ class PluginProcess:
 
     async def start(self, ready_timeout: float) -> None:
         """Spawn the process and wait for its first heartbeat (``plugin_start_failed`` if none)."""
+        self.spawn()
+        try:
+            if not await self.wait_ready(ready_timeout):
+                raise self.no_heartbeat_error(ready_timeout)
+        except BaseException:
+            await self.aclose()
+            raise
+
+    def spawn(self) -> None:
+        """Start the process and its reader; readiness comes later (:meth:`wait_ready`).
+
+        Call it on the event loop. Spawning there, not in a worker thread, is deliberate: a
+        thread could be abandoned by a cancellation after the fork and leave an unowned process.
+        """
         if self._popen is not None:
-            raise RuntimeError("PluginProcess.start() called twice")
-        _warn_if_pid1()
+            raise RuntimeError("PluginProcess.spawn() called twice")
+        warn_if_pid1()
         if not self.python.exists():
             raise PlugindError(
                 "plugin_start_failed",
                 f"{self.identifier}: interpreter {self.python} does not exist "
                 "(the plugin environment is missing)",
             )
-        self._token = anyio.lowlevel.current_token()
+        token = anyio.lowlevel.current_token()
         self._ready, self._exited, self._write_lock = anyio.Event(), anyio.Event(), anyio.Lock()
         try:
-            # Spawned on the loop on purpose: a worker thread could be abandoned by a
-            # cancellation after the fork and leave an unowned process behind.
-            self._popen = subprocess.Popen(  # noqa: ASYNC220 - fork+exec takes milliseconds
+            self._popen = subprocess.Popen(
                 [str(self.python), "-m", self.entrypoint],
                 cwd=self.workdir,
                 env=self._env,
@@ -194,35 +181,47 @@ class PluginProcess:
         self.started_at = time.monotonic()
         assert self._popen.stdin is not None
         os.set_blocking(self._popen.stdin.fileno(), False)
-        self._thread = threading.Thread(
-            target=self._pump, name=f"plugin-{self._popen.pid}", daemon=True
+        self._reader = OutputReader(
+            self._popen,
+            self.identifier,
+            token,
+            deliver=self._deliver,
+            on_exit=self._on_exit,
+            max_line=self.max_line_size,
+            tail_bytes=self._tail_bytes,
+            kill_grace=self.kill_grace,
         )
-        self._thread.start()
-        try:
-            with anyio.move_on_after(ready_timeout):
-                await self._ready.wait()
-            if self._is_ready and self._exit is None:
-                log.info(
-                    "Plugin process started: %s pid=%d in %.2fs",
-                    self.identifier,
-                    self._popen.pid,
-                    time.monotonic() - self.started_at,
-                )
-                return
-            if self._exit is not None:
-                raise PlugindError(
-                    "plugin_start_failed",
-                    f"{self.identifier} {describe_exit(self._exit.returncode)} before it was "
-                    f"ready{self._stderr_note()}",
-                )
-            raise PlugindError(
-                "plugin_start_failed",
-                f"{self.identifier} sent no heartbeat within {ready_timeout:g}s of starting"
-                f"{self._stderr_note()}",
-            )
-        except BaseException:
-            await self.aclose()
-            raise
+        self._reader.start()
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the first heartbeat: ``True`` once ready, else ``False``.
+
+        Raises ``plugin_start_failed`` if the process exited (or was stopped) instead.
+        """
+        if self._ready is None:
+            raise RuntimeError("PluginProcess.wait_ready() before spawn()")
+        with anyio.move_on_after(max(timeout, 0)):
+            await self._ready.wait()
+        if self._exit is not None or self._stopping:
+            raise self.exit_error()
+        return self._is_ready
+
+    def exit_error(self) -> PlugindError:
+        """Why a process that was expected to become ready did not."""
+        if self._stopping:
+            what = "was stopped while it was starting"
+        else:
+            returncode = self._exit.returncode if self._exit else None
+            when = "right after it was ready" if self._is_ready else "before it was ready"
+            what = f"{describe_exit(returncode)} {when}"
+        return PlugindError("plugin_start_failed", f"{self.identifier} {what}{self._stderr_note()}")
+
+    def no_heartbeat_error(self, ready_timeout: float) -> PlugindError:
+        return PlugindError(
+            "plugin_start_failed",
+            f"{self.identifier} sent no heartbeat within {ready_timeout:g}s of starting"
+            f"{self._stderr_note()}",
+        )
 
     # ------------------------------------------------------------------ invoke
 
@@ -244,9 +243,7 @@ class PluginProcess:
             raise PlugindError("plugin_crashed", f"{self.identifier} is not running")
         session_id = str(uuid.uuid4())
         line = protocol.encode_request(session_id, request)
-        send, receive = anyio.create_memory_object_stream[tuple[str, Any]](math.inf)
-        session = _Session(send, max_result_size)
-        self._sessions[session_id] = session
+        receive = self._sessions.open(session_id, max_result_size)
         chunks: list[Any] = []
         try:
             with receive, anyio.move_on_after(timeout) as scope:
@@ -270,9 +267,7 @@ class PluginProcess:
                 )
             raise PlugindError("plugin_crashed", f"{self.identifier} dropped the session")
         finally:
-            self._sessions.pop(session_id, None)
-            session.done = True
-            send.close()
+            self._sessions.close(session_id)
 
     async def _refuse_backwards(self, session_id: str, data: Any) -> None:
         detail = data if isinstance(data, dict) else {}
@@ -328,130 +323,37 @@ class PluginProcess:
             with anyio.move_on_after(self.kill_grace):
                 await self._exited.wait()
             if not self._exited.is_set():
-                self._signal_group(signal.SIGKILL, f"still running {self.kill_grace:g}s after SIGTERM")
+                self._signal_group(
+                    signal.SIGKILL, f"still running {self.kill_grace:g}s after SIGTERM"
+                )
                 with anyio.move_on_after(10):
                     await self._exited.wait()
-            thread = self._thread
-            if thread is not None and thread.is_alive():
-                await anyio.to_thread.run_sync(thread.join, 5.0)
-            if thread is None or not thread.is_alive():
+            reader = self._reader
+            if reader is not None and reader.is_alive():
+                await anyio.to_thread.run_sync(reader.join, 5.0)
+            if reader is None or not reader.is_alive():
                 for pipe in (popen.stdin, popen.stdout, popen.stderr):
                     if pipe is not None and not pipe.closed:
                         if pipe is popen.stdin:
                             anyio.notify_closing(pipe.fileno())
                         pipe.close()
 
+    def kill(self, reason: str) -> None:
+        """SIGKILL the process group now, without waiting; :meth:`aclose` still cleans up."""
+        self._signal_group(signal.SIGKILL, reason)
+
     def _signal_group(self, sig: signal.Signals, reason: str | None) -> None:
         if self._popen is None:
             return
         if reason:
-            log.warning("Killing plugin process %s pid=%d: %s", self.identifier, self._popen.pid, reason)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._popen.pid, sig)
-
-    # ------------------------------------------------------------------ reader thread
-
-    def _pump(self) -> None:
-        popen = self._popen
-        assert popen is not None and popen.stdout is not None and popen.stderr is not None
-        out_fd, err_fd = popen.stdout.fileno(), popen.stderr.fileno()
-        splitter = protocol.LineSplitter(self.max_line_size)
-        stderr_pending = bytearray()
-        try:
-            with selectors.DefaultSelector() as selector:
-                selector.register(out_fd, selectors.EVENT_READ)
-                selector.register(err_fd, selectors.EVENT_READ)
-                open_fds = 2
-                exited_quietly = 0
-                while open_fds:
-                    events = selector.select(timeout=1.0)
-                    if not events:
-                        # Exited, but a child it left behind still holds the pipes open.
-                        if popen.poll() is not None:
-                            exited_quietly += 1
-                            if exited_quietly >= 2:
-                                break
-                        continue
-                    for key, _ in events:
-                        try:
-                            data = os.read(key.fd, _READ_SIZE)
-                        except OSError:
-                            data = b""
-                        if not data:
-                            selector.unregister(key.fd)
-                            open_fds -= 1
-                        elif key.fd == out_fd:
-                            if not self._on_stdout(splitter.feed(data)):
-                                return
-                        else:
-                            self._on_stderr(data, stderr_pending)
-            self._on_stdout(splitter.flush())
-            if stderr_pending:
-                self._on_stderr(b"\n", stderr_pending)
-        except Exception:
-            log.exception("Reader of plugin %s failed", self.identifier)
-        finally:
-            returncode = self._reap(popen)
-            self._to_loop(self._on_exit, returncode)
-
-    def _reap(self, popen: subprocess.Popen[bytes]) -> int | None:
-        try:
-            returncode: int | None = popen.wait(timeout=self.kill_grace)
-        except subprocess.TimeoutExpired:
-            self._signal_group(signal.SIGKILL, "its output ended but it kept running")
-            try:
-                returncode = popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                returncode = None
-        # Anything it started in its process group goes with it.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(popen.pid, signal.SIGKILL)
-        return returncode
-
-    def _to_loop(self, func: Callable[..., None], *args: Any) -> bool:
-        """Run ``func`` on the event loop; ``False`` once the loop is gone."""
-        try:
-            anyio.from_thread.run_sync(func, *args, token=self._token)
-        except Exception:
-            # Nobody is left to manage the process: do not leave it running.
-            self._signal_group(signal.SIGKILL, "its event loop has gone")
-            return False
-        return True
-
-    def _on_stdout(self, items: list[bytes | protocol.Oversized]) -> bool:
-        batch: list[protocol.PluginMessage] = []
-        for item in items:
-            message = protocol.decode_line(item) if isinstance(item, bytes) else item
-            if isinstance(message, protocol.Log):
-                level = _LOG_LEVELS.get(message.level.upper(), logging.INFO)
-                plugin_log.log(level, "%s: %s", self.identifier, message.message)
-            elif isinstance(message, protocol.Declaration):
-                self.declaration = message.data
-            elif isinstance(message, protocol.StreamError):
-                plugin_log.warning("%s could not read a request: %s", self.identifier, message.message)
-            elif isinstance(message, protocol.Garbage):
-                plugin_log.info("%s wrote to stdout: %s", self.identifier, message.text)
-            else:
-                batch.append(message)
-        return self._to_loop(self._deliver, batch) if batch else True
-
-    def _on_stderr(self, data: bytes, pending: bytearray) -> None:
-        tail = self._stderr_tail
-        tail += data
-        if len(tail) > self._tail_bytes:
-            del tail[: len(tail) - self._tail_bytes]
-        pending += data
-        *lines, rest = bytes(pending).split(b"\n")
-        pending[:] = rest[-65536:]
-        for line in lines:
-            if line.strip():
-                text = line[:2000].decode("utf-8", "replace").rstrip()
-                plugin_log.warning("%s stderr: %s", self.identifier, text)
+            log.warning(
+                "Killing plugin process %s pid=%d: %s", self.identifier, self._popen.pid, reason
+            )
+        signal_group(self._popen.pid, sig)
 
     # ------------------------------------------------------------------ loop side
 
     def _deliver(self, batch: list[protocol.PluginMessage]) -> None:
-        sessions = self._sessions
         for message in batch:
             if isinstance(message, protocol.Heartbeat):
                 self.last_heartbeat = time.monotonic()
@@ -459,48 +361,17 @@ class PluginProcess:
                     self._is_ready = True
                     assert self._ready is not None
                     self._ready.set()
-            elif isinstance(message, protocol.Chunk):
-                session = sessions.get(message.session_id)
-                if session is not None:
-                    session.received += message.size
-                    if session.received > session.max_size:
-                        session.finish("error", self._too_large(session.max_size))
-                    else:
-                        session.put("chunk", message.data)
-            elif isinstance(message, protocol.SessionError):
-                session = sessions.get(message.session_id)
-                if session is not None:
-                    session.finish(
-                        "error",
-                        PlugindError(
-                            "plugin_error",
-                            message.message,
-                            error_type=message.error_type,
-                            args=message.args,
-                        ),
+                    log.info(
+                        "Plugin process started: %s pid=%s in %.2fs",
+                        self.identifier,
+                        self.pid,
+                        self.last_heartbeat - (self.started_at or self.last_heartbeat),
                     )
-            elif isinstance(message, protocol.End):
-                session = sessions.get(message.session_id)
-                if session is not None:
-                    session.finish("end", None)
-            elif isinstance(message, protocol.Invoke):
-                session = sessions.get(message.session_id)
-                if session is not None:
-                    session.put("invoke", message.data)
-            elif isinstance(message, protocol.Oversized):
-                session = sessions.get(message.session_id or "")
-                if session is not None:
-                    session.finish("error", self._too_large(session.max_size))
-                else:
-                    log.warning("%s wrote a %d-byte line; dropped", self.identifier, message.size)
-
-    def _too_large(self, limit: int) -> PlugindError:
-        return PlugindError(
-            "result_too_large", f"{self.identifier} returned more than {limit} bytes"
-        )
+            else:
+                self._sessions.route(message)
 
     def _on_exit(self, returncode: int | None) -> None:
-        self._exit = _Exit(returncode, self.stderr_tail)
+        self._exit = _Exit(returncode)
         self.exited_at = time.monotonic()
         pid = self.pid
         if self._stopping:
@@ -513,26 +384,14 @@ class PluginProcess:
                 describe_exit(returncode),
                 self._stderr_note(),
             )
-        for session in list(self._sessions.values()):
-            if self._stopping:
-                message = f"{self.identifier} was stopped (uninstall or shutdown) while the request ran"
-            else:
-                message = (
-                    f"{self.identifier} (pid {pid}) {describe_exit(returncode)} while the "
-                    f"request ran{self._stderr_note()}"
-                )
-            session.finish("error", PlugindError("plugin_crashed", message))
+        if self._stopping:
+            message = f"{self.identifier} was stopped (uninstall or shutdown) while the request ran"
+        else:
+            message = (
+                f"{self.identifier} (pid {pid}) {describe_exit(returncode)} while the "
+                f"request ran{self._stderr_note()}"
+            )
+        self._sessions.fail_all(lambda: PlugindError("plugin_crashed", message))
         assert self._ready is not None and self._exited is not None
         self._ready.set()
         self._exited.set()
-
-
-def _warn_if_pid1() -> None:
-    global _pid1_warned
-    if os.getpid() == 1 and not _pid1_warned:
-        _pid1_warned = True
-        log.warning(
-            "plugind runs as PID 1: the Dify SDK makes plugins exit when their parent is PID 1; "
-            "run plugind under an init such as tini"
-        )
-

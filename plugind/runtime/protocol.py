@@ -60,7 +60,9 @@ def encode_request(session_id: str, request: PluginRequest) -> bytes:
     try:
         return orjson.dumps(line) + b"\n"
     except (TypeError, orjson.JSONEncodeError) as exc:
-        raise PlugindError("malformed_command", f"the payload cannot be sent as JSON: {exc}") from None
+        raise PlugindError(
+            "malformed_command", f"the payload cannot be sent as JSON: {exc}"
+        ) from None
 
 
 def encode_backwards_error(session_id: str, backwards_request_id: str, message: str) -> bytes:
@@ -153,7 +155,16 @@ class Garbage:
 
 
 PluginMessage = (
-    Declaration | Log | Heartbeat | Chunk | SessionError | End | Invoke | StreamError | Oversized | Garbage
+    Declaration
+    | Log
+    | Heartbeat
+    | Chunk
+    | SessionError
+    | End
+    | Invoke
+    | StreamError
+    | Oversized
+    | Garbage
 )
 
 _SESSION_ID = re.compile(rb'"session_id"\s*:\s*"([^"\\]{1,256})"')
