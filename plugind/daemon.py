@@ -44,9 +44,17 @@ MIN_REDIS = (6, 2)
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handling: the daemon owns shutdown."""
 
+    finished: anyio.Event
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def run_until_exit(self) -> None:
+        try:
+            await self.serve()
+        finally:
+            self.finished.set()
 
 
 @dataclass
@@ -109,8 +117,8 @@ class Daemon:
                 for server in servers:
                     server.should_exit = True
                 with anyio.move_on_after(5):
-                    while any(s.started for s in servers):
-                        await anyio.sleep(0.05)
+                    for server in servers:
+                        await server.finished.wait()
                 tg.cancel_scope.cancel()
         log.info("Plugin daemon stopped")
 
@@ -204,7 +212,8 @@ class Daemon:
             lifespan="off",
         )
         server = _Server(config)
-        tg.start_soon(server.serve)
+        server.finished = anyio.Event()
+        tg.start_soon(server.run_until_exit)
         with anyio.fail_after(10):
             while not server.started:
                 if server.should_exit:

@@ -147,6 +147,8 @@ def _run_as(data_dir: Path) -> _RunAs:
                 f"PostgreSQL will not run as root and the user {SYSTEM_USER!r} could not be "
                 f"created ({exc}); create it, run plugind as a normal user, or set DATABASE_URL"
             ) from None
+        if entry is None:
+            raise EmbeddedServerError(f"the user {SYSTEM_USER!r} could not be looked up")
         run_as = _RunAs(entry.pw_uid, entry.pw_gid)
     _grant_traverse(data_dir.parent)
     _grant_traverse(POSTGRES_BIN_PATH)

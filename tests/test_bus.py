@@ -10,7 +10,7 @@ import pytest
 from plugind.bus.consumer import StreamConsumer, ensure_group
 from plugind.bus.emit import Delivery, Emitter, RegistryChange
 from plugind.bus.keys import WORKERS_GROUP, Keys, installed_field, shard_namespace
-from plugind.messages import EventFactory, TaskSucceeded, TaskResult, decode_event
+from plugind.messages import EventFactory, TaskResult, TaskSucceeded, decode_event
 
 pytestmark = pytest.mark.anyio
 
@@ -35,8 +35,13 @@ async def test_consumer_runs_every_entry_within_its_concurrency(redis: Any, keys
         await redis.xack(delivery.stream, WORKERS_GROUP, delivery.entry_id)
 
     consumer = StreamConsumer(
-        redis, stream=keys.tasks, group=WORKERS_GROUP, consumer="c1", handler=handler,
-        concurrency=3, block_ms=100,
+        redis,
+        stream=keys.tasks,
+        group=WORKERS_GROUP,
+        consumer="c1",
+        handler=handler,
+        concurrency=3,
+        block_ms=100,
     )
     async with anyio.create_task_group() as tg:
         await tg.start(consumer.run)
@@ -71,8 +76,16 @@ async def test_entries_of_a_dead_consumer_are_reclaimed_then_dead_lettered(
         await redis.xack(delivery.stream, WORKERS_GROUP, delivery.entry_id)
 
     consumer = StreamConsumer(
-        redis, stream=keys.tasks, group=WORKERS_GROUP, consumer="c2", handler=handler,
-        concurrency=2, block_ms=50, reclaim_idle_s=0.2, max_deliveries=3, on_dead=on_dead,
+        redis,
+        stream=keys.tasks,
+        group=WORKERS_GROUP,
+        consumer="c2",
+        handler=handler,
+        concurrency=2,
+        block_ms=50,
+        reclaim_idle_s=0.2,
+        max_deliveries=3,
+        on_dead=on_dead,
     )
     async with anyio.create_task_group() as tg:
         await tg.start(consumer.run)
@@ -94,8 +107,14 @@ async def test_terminal_commit_is_once_per_request_even_when_racing(redis: Any, 
     make = EventFactory("n")
 
     async def commit(entry_id: str) -> str | None:
-        event = make(TaskSucceeded, request_id="same", tenant_id="t", plugin_id="a/b",
-                     result=TaskResult(chunks=[]), duration_ms=1.0)
+        event = make(
+            TaskSucceeded,
+            request_id="same",
+            tenant_id="t",
+            plugin_id="a/b",
+            result=TaskResult(chunks=[]),
+            duration_ms=1.0,
+        )
         return await emitter.terminal(Delivery(keys.tasks, entry_id, {}), event)
 
     results: list[str | None] = []
@@ -118,10 +137,17 @@ async def test_registry_changes_with_the_terminal_event(redis: Any, keys: Keys) 
     [entry] = await _fill(redis, keys.install, 1)
     await redis.xreadgroup(WORKERS_GROUP, "c", {keys.install: ">"}, count=1)
     emitter = Emitter(redis, keys, dedupe_ttl=60)
-    event = EventFactory("n")(TaskSucceeded, request_id="r", tenant_id="t", plugin_id="a/b",
-                              result=TaskResult(chunks=[]), duration_ms=1.0)
+    event = EventFactory("n")(
+        TaskSucceeded,
+        request_id="r",
+        tenant_id="t",
+        plugin_id="a/b",
+        result=TaskResult(chunks=[]),
+        duration_ms=1.0,
+    )
     await emitter.terminal(
-        Delivery(keys.install, entry, {}), event,
+        Delivery(keys.install, entry, {}),
+        event,
         registry=RegistryChange("set", "t", "a/b", "a/b:1@x"),
     )
     assert await redis.hget(keys.installed, installed_field("t", "a/b")) == b"a/b:1@x"
@@ -129,8 +155,18 @@ async def test_registry_changes_with_the_terminal_event(redis: Any, keys: Keys) 
 
 def test_keys_share_one_hash_tag_and_shards_are_stable() -> None:
     keys = Keys("ns")
-    assert {k.split("}")[0] for k in (keys.install, keys.tasks, keys.events, keys.dead,
-                                       keys.done("r"), keys.out("r"), keys.installed)} == {"{ns"}
+    assert {
+        k.split("}")[0]
+        for k in (
+            keys.install,
+            keys.tasks,
+            keys.events,
+            keys.dead,
+            keys.done("r"),
+            keys.out("r"),
+            keys.installed,
+        )
+    } == {"{ns"}
     assert shard_namespace("plugind", 1, "acme/calc") == "plugind"
     assert shard_namespace("plugind", 4, "acme/calc") == shard_namespace("plugind", 4, "acme/calc")
     assert {shard_namespace("plugind", 4, f"a/p{i}") for i in range(100)} == {

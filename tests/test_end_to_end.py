@@ -74,8 +74,10 @@ async def test_install_invoke_project_and_serve(
 
     done = await _tool(client, "acme/calc", "calc", "add", a=1, b=2)
     assert isinstance(done, TaskSucceeded), done
-    assert any(c.get("type") == "json" and c["message"]["json_object"] == {"sum": 3}
-               for c in done.result.chunks), done.result.chunks
+    assert any(
+        c.get("type") == "json" and c["message"]["json_object"] == {"sum": 3}
+        for c in done.result.chunks
+    ), done.result.chunks
 
     assert settings.database_url is not None
     row = await eventually(
@@ -192,8 +194,9 @@ async def test_same_request_id_twice_gives_one_terminal_event(
 
         await anyio.sleep(0.05)
     terminal = [
-        e for e in await client.events_of("dup-1") if e.__struct_config__.tag.startswith("task.")
-        and e.__struct_config__.tag != "task.started"
+        e
+        for e in await client.events_of("dup-1")
+        if e.__struct_config__.tag.startswith("task.") and e.__struct_config__.tag != "task.started"
     ]
     assert len(terminal) == 1, terminal
 
@@ -212,18 +215,33 @@ async def test_install_from_inbox_and_hostile_packages(
     assert isinstance(await client.wait(rid, timeout=300), Installed)
 
     cases = {
-        "escape": (InstallCommand(request_id="h1", package=PackageRef(path="../../etc/passwd")),
-                   "invalid_package"),
-        "missing": (InstallCommand(request_id="h2", package=PackageRef(path="nope.difypkg")),
-                    "package_not_found"),
-        "not-zip": (InstallCommand(request_id="h3", package=PackageRef(
-            base64=base64.b64encode(b"this is not a zip").decode())), "invalid_package"),
-        "bad-b64": (InstallCommand(request_id="h4", package=PackageRef(base64="%%%")),
-                    "invalid_package"),
-        "wrong-id": (InstallCommand(
-            request_id="h5",
-            package=PackageRef(base64=base64.b64encode(calc_package).decode()),
-            expected_identifier="acme/calc:9.9.9@" + "0" * 64), "checksum_mismatch"),
+        "escape": (
+            InstallCommand(request_id="h1", package=PackageRef(path="../../etc/passwd")),
+            "invalid_package",
+        ),
+        "missing": (
+            InstallCommand(request_id="h2", package=PackageRef(path="nope.difypkg")),
+            "package_not_found",
+        ),
+        "not-zip": (
+            InstallCommand(
+                request_id="h3",
+                package=PackageRef(base64=base64.b64encode(b"this is not a zip").decode()),
+            ),
+            "invalid_package",
+        ),
+        "bad-b64": (
+            InstallCommand(request_id="h4", package=PackageRef(base64="%%%")),
+            "invalid_package",
+        ),
+        "wrong-id": (
+            InstallCommand(
+                request_id="h5",
+                package=PackageRef(base64=base64.b64encode(calc_package).decode()),
+                expected_identifier="acme/calc:9.9.9@" + "0" * 64,
+            ),
+            "checksum_mismatch",
+        ),
     }
     for name, (command, code) in cases.items():
         event = await client.wait(await client.send(command), timeout=60)

@@ -323,6 +323,22 @@ async def test_a_start_outlives_a_caller_whose_time_ran_out(tester: Plugin) -> N
 
 
 @pytest.mark.anyio
+async def test_busy_pool_grows_without_making_the_caller_wait(tester: Plugin) -> None:
+    async with pool_of(instances=2) as pool:
+        await pool.start(tester.identifier, tester.workdir, tester.python, tester.entrypoint)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, pool, tester, tool("tester", "sleep", seconds=1.5))
+            await anyio.sleep(0.1)
+            started = time.monotonic()
+            assert json_of(await call(pool, tester, tool("tester", "echo"))) == [{"echo": {}}]
+            assert time.monotonic() - started < 0.5  # served by the busy process meanwhile
+        with anyio.fail_after(15):
+            while pool.snapshot().processes < 2:
+                await anyio.sleep(0.1)
+        assert pool.snapshot().restarts == 0
+
+
+@pytest.mark.anyio
 async def test_concurrent_callers_share_one_start(tester: Plugin) -> None:
     async with pool_of(instances=1) as pool:
         results: list[list[Any]] = []

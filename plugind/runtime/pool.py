@@ -27,8 +27,7 @@ from typing import Any, NamedTuple
 import anyio
 
 from plugind.errors import PlugindError
-from plugind.runtime._slots import Group as _Group
-from plugind.runtime._slots import Slot as _Slot
+from plugind.runtime._slots import Group, Slot
 from plugind.runtime.process import ChunkCallback, PluginProcess, PluginRequest
 
 log = logging.getLogger("plugind.runtime")
@@ -88,7 +87,7 @@ class PluginPool:
         self.backoff_max = backoff_max
         self.healthy_after = healthy_after
         self.kill_grace = kill_grace
-        self._groups: dict[str, _Group] = {}
+        self._groups: dict[str, Group] = {}
         self._closed = False
 
     # ------------------------------------------------------------------ public
@@ -188,19 +187,19 @@ class PluginPool:
 
     # ------------------------------------------------------------------ choosing a process
 
-    def _group(self, identifier: str, workdir: Path, python: Path, entrypoint: str) -> _Group:
+    def _group(self, identifier: str, workdir: Path, python: Path, entrypoint: str) -> Group:
         if self._closed:
             raise PlugindError("plugin_start_failed", "the plugin pool is shutting down")
         group = self._groups.get(identifier)
         if group is None:
-            slots = [_Slot(index=i) for i in range(self.instances)]
-            group = _Group(identifier, Path(workdir), Path(python), entrypoint, slots)
+            slots = [Slot(index=i) for i in range(self.instances)]
+            group = Group(identifier, Path(workdir), Path(python), entrypoint, slots)
             self._groups[identifier] = group
         else:  # a rebuilt environment applies to processes started from now on
             group.workdir, group.python, group.entrypoint = Path(workdir), Path(python), entrypoint
         return group
 
-    async def _acquire(self, group: _Group, deadline: float) -> PluginProcess:
+    async def _acquire(self, group: Group, deadline: float) -> PluginProcess:
         self._account(group, enforce=True)
         live = group.live()
         idle = [p for p in live if p.in_flight == 0]
@@ -213,12 +212,14 @@ class PluginPool:
         slot = starting[0] if starting else min(group.slots, key=lambda s: s.next_start_at)
         return await self._start_slot(group, slot, deadline, wait_backoff=True)
 
-    async def _grow(self, group: _Group) -> None:
+    async def _grow(self, group: Group) -> None:
         """All live processes are busy: spawn one more in a free slot, without waiting for it."""
         now = time.monotonic()
         for slot in group.slots:
             if slot.free and slot.next_start_at <= now:
                 async with slot.lock:
+                    if slot.process is not None and (slot.process.alive or slot.process.starting):
+                        return  # someone else got there first
                     await self._clear(slot)
                     with contextlib.suppress(PlugindError):  # recorded; the busy ones serve
                         self._spawn(group, slot)
@@ -227,7 +228,7 @@ class PluginPool:
     # ------------------------------------------------------------------ starting
 
     async def _start_slot(
-        self, group: _Group, slot: _Slot, deadline: float, *, wait_backoff: bool
+        self, group: Group, slot: Slot, deadline: float, *, wait_backoff: bool
     ) -> PluginProcess:
         """A ready process in ``slot``: the one there, the one starting there, or a new one."""
         attempts = slot.attempts
@@ -244,14 +245,14 @@ class PluginPool:
                 proc = self._spawn(group, slot)
             return await self._await_ready(group, slot, proc, deadline)
 
-    async def _clear(self, slot: _Slot) -> None:
+    async def _clear(self, slot: Slot) -> None:
         """Dispose of the slot's dead process (its exit is already accounted for)."""
         if slot.process is not None and not slot.process.alive and not slot.process.starting:
             await slot.process.aclose()
             slot.process = None
 
     async def _wait_backoff(
-        self, group: _Group, slot: _Slot, deadline: float, wait_backoff: bool
+        self, group: Group, slot: Slot, deadline: float, wait_backoff: bool
     ) -> None:
         wait = slot.next_start_at - time.monotonic()
         if not wait_backoff or wait <= 0:
@@ -264,7 +265,7 @@ class PluginPool:
             )
         await anyio.sleep(wait)
 
-    def _spawn(self, group: _Group, slot: _Slot) -> PluginProcess:
+    def _spawn(self, group: Group, slot: Slot) -> PluginProcess:
         slot.attempts += 1
         slot.last_error = None
         proc = PluginProcess(
@@ -285,7 +286,7 @@ class PluginPool:
         return proc
 
     async def _await_ready(
-        self, group: _Group, slot: _Slot, proc: PluginProcess, deadline: float
+        self, group: Group, slot: Slot, proc: PluginProcess, deadline: float
     ) -> PluginProcess:
         ready_by = (proc.started_at or time.monotonic()) + self.ready_timeout
         try:
@@ -316,7 +317,7 @@ class PluginPool:
 
     # ------------------------------------------------------------------ bookkeeping
 
-    def _account(self, group: _Group, *, enforce: bool = False) -> None:
+    def _account(self, group: Group, *, enforce: bool = False) -> None:
         """Count starts and exits that happened since the pool last looked.
 
         With ``enforce``, a process that has been starting for longer than ``ready_timeout``
@@ -356,7 +357,7 @@ class PluginPool:
             ):
                 proc.kill(f"no heartbeat within {self.ready_timeout:g}s")
 
-    def _count_failure(self, slot: _Slot, error: PlugindError, at: float) -> None:
+    def _count_failure(self, slot: Slot, error: PlugindError, at: float) -> None:
         slot.failures += 1
         slot.next_start_at = at + self._backoff(slot.failures)
         slot.last_error = error
@@ -364,7 +365,7 @@ class PluginPool:
     def _backoff(self, failures: int) -> float:
         return float(min(self.backoff_initial * 2 ** max(failures - 1, 0), self.backoff_max))
 
-    async def _close_group(self, group: _Group) -> None:
+    async def _close_group(self, group: Group) -> None:
         group.closed = True
         with anyio.CancelScope(shield=True):
             async with anyio.create_task_group() as tg:

@@ -376,12 +376,13 @@ class PluginProcess:
         pid = self.pid
         if self._stopping:
             log.info("Plugin process stopped: %s pid=%s", self.identifier, pid)
-        elif self._is_ready:
+        else:
             log.warning(
-                "Plugin process exited: %s pid=%s %s%s",
+                "Plugin process exited: %s pid=%s %s%s%s",
                 self.identifier,
                 pid,
                 describe_exit(returncode),
+                "" if self._is_ready else " before it was ready",
                 self._stderr_note(),
             )
         if self._stopping:
