@@ -129,7 +129,7 @@ async def test_terminal_commit_is_once_per_request_even_when_racing(redis: Any, 
     events = [decode_event(f[b"event"]) for _i, f in await redis.xrange(keys.events)]
     assert len(events) == 1
     assert (await redis.xpending(keys.tasks, WORKERS_GROUP))["pending"] == 0
-    assert await redis.get(keys.done("same")) == [r for r in results if r][0].encode()
+    assert await redis.get(keys.done("same")) == next(r for r in results if r).encode()
 
 
 async def test_registry_changes_with_the_terminal_event(redis: Any, keys: Keys) -> None:
