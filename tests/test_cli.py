@@ -44,12 +44,21 @@ async def test_package_install_invoke_events_status(
     _, out, _ = await _plugind(settings, "install", str(target), "--wait")
     assert orjson.loads(out)["identifier"] == identifier
 
-    _, out, _ = await _plugind(settings, "invoke", "acme/calc", "calc", "add", "a=2", "b=40",
-                               "--wait")
+    _, out, _ = await _plugind(
+        settings, "invoke", "acme/calc", "calc", "add", "a=2", "b=40", "--wait"
+    )
     assert out.splitlines() == ['{"sum":42}', "42"]
 
     code, out, _ = await _plugind(
-        settings, "invoke", "acme/calc", "calc", "divide", "a=1", "b=0", "--wait", "--json",
+        settings,
+        "invoke",
+        "acme/calc",
+        "calc",
+        "divide",
+        "a=1",
+        "b=0",
+        "--wait",
+        "--json",
         check=False,
     )
     assert code == 1
@@ -58,8 +67,10 @@ async def test_package_install_invoke_events_status(
 
     assert settings.database_url is not None
     await eventually(
-        settings.database_url, "SELECT status FROM tasks WHERE request_id = $1",
-        failed["request_id"], expect="failed",
+        settings.database_url,
+        "SELECT status FROM tasks WHERE request_id = $1",
+        failed["request_id"],
+        expect="failed",
     )
     _, out, _ = await _plugind(settings, "events", "--type", "task.failed", "--json")
     events = [orjson.loads(line) for line in out.splitlines()]

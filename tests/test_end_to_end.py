@@ -1,4 +1,4 @@
-"""The whole path: commands on Redis Streams -> real plugin processes -> events -> Postgres -> HTTP."""
+"""The whole path: commands on streams -> plugin processes -> events -> Postgres -> HTTP."""
 
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ async def test_bad_commands_are_rejected_and_the_daemon_goes_on(
     assert isinstance(unknown, TaskFailed) and unknown.error.code == "not_installed"
 
     rejected = {}
-    for entry_id, fields in await redis.xrange(keys.events):
+    for _entry_id, fields in await redis.xrange(keys.events):
         event = decode_event(fields[EVENT_FIELD.encode()])
         if isinstance(event, CommandRejected):
             rejected[event.entry_id] = event
