@@ -259,9 +259,7 @@ class EventFactory:
     def __init__(self, node: str) -> None:
         self.node = node
 
-    def __call__(
-        self, cls: type[E], *, request_id: str, tenant_id: str, **fields: Any
-    ) -> E:
+    def __call__(self, cls: type[E], *, request_id: str, tenant_id: str, **fields: Any) -> E:
         return cls(
             event_id=new_event_id(),
             request_id=request_id,

@@ -67,14 +67,34 @@ async def project(redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys, *events
 
 
 def _task_events(rid: str, plugin: str, ms: float, ok: bool = True) -> list[object]:
-    start = ev(TaskStarted, request_id=rid, tenant_id="t1", plugin_id=plugin,
-               identifier=f"{plugin}:1.0.0@x", access="tool", action="invoke_tool", attempt=1)
+    start = ev(
+        TaskStarted,
+        request_id=rid,
+        tenant_id="t1",
+        plugin_id=plugin,
+        identifier=f"{plugin}:1.0.0@x",
+        access="tool",
+        action="invoke_tool",
+        attempt=1,
+    )
     if ok:
-        end: object = ev(TaskSucceeded, request_id=rid, tenant_id="t1", plugin_id=plugin,
-                         result=TaskResult(chunks=[{"sum": 3}]), duration_ms=ms)
+        end: object = ev(
+            TaskSucceeded,
+            request_id=rid,
+            tenant_id="t1",
+            plugin_id=plugin,
+            result=TaskResult(chunks=[{"sum": 3}]),
+            duration_ms=ms,
+        )
     else:
-        end = ev(TaskFailed, request_id=rid, tenant_id="t1", plugin_id=plugin,
-                 error=ErrorInfo("plugin_error", "boom"), duration_ms=ms)
+        end = ev(
+            TaskFailed,
+            request_id=rid,
+            tenant_id="t1",
+            plugin_id=plugin,
+            error=ErrorInfo("plugin_error", "boom"),
+            duration_ms=ms,
+        )
     return [start, end]
 
 
@@ -94,8 +114,16 @@ async def test_health_healthy(api: httpx.AsyncClient) -> None:
 async def test_health_degraded_when_projector_lags(
     redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys
 ) -> None:
-    event = ev(TaskStarted, request_id="r", tenant_id="t", plugin_id="a/b", identifier="a/b:1@x",
-               access="tool", action="invoke_tool", attempt=1)
+    event = ev(
+        TaskStarted,
+        request_id="r",
+        tenant_id="t",
+        plugin_id="a/b",
+        identifier="a/b:1@x",
+        access="tool",
+        action="invoke_tool",
+        attempt=1,
+    )
     await redis.xadd(keys.events, {"event": encode(event)})
     app = create_read_app(redis=redis, pool=pool, keys=keys, version="1", lag_threshold=0)
     async with client(app) as c:
@@ -104,7 +132,11 @@ async def test_health_degraded_when_projector_lags(
     body = response.json()
     assert body["status"] == "degraded"
     assert body["components"]["projector"] == {
-        "lag": 1, "status": "lagging", "threshold": 0, "position": None, "active": False,
+        "lag": 1,
+        "status": "lagging",
+        "threshold": 0,
+        "position": None,
+        "active": False,
     }
 
 
@@ -181,8 +213,11 @@ async def test_stats(
     api: httpx.AsyncClient, redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys
 ) -> None:
     await project(
-        redis, pool, keys,
-        *_task_events("r1", "acme/calc", 10.0), *_task_events("r2", "acme/calc", 30.0),
+        redis,
+        pool,
+        keys,
+        *_task_events("r1", "acme/calc", 10.0),
+        *_task_events("r2", "acme/calc", 30.0),
         *_task_events("r3", "acme/other", 5.0, ok=False),
     )
     response = await api.get("/api/v1/plugins/stats", params={"window": "1h"})
@@ -194,7 +229,8 @@ async def test_stats(
     assert body["overall"]["success_rate"] == pytest.approx(2 / 3)
     assert body["overall"]["duration_ms"]["p50"] == pytest.approx(10.0)
     assert {p["plugin_id"]: p["total"] for p in body["plugins"]} == {
-        "acme/calc": 2, "acme/other": 1,
+        "acme/calc": 2,
+        "acme/other": 1,
     }
 
     one = (await api.get("/api/v1/plugins/stats?plugin=acme/calc&window=900")).json()
@@ -212,9 +248,15 @@ async def test_plugins_and_tasks(
     api: httpx.AsyncClient, redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys
 ) -> None:
     installed = ev(
-        Installed, request_id="i1", tenant_id="t1", plugin_id="acme/calc",
-        identifier="acme/calc:1.0.0@x", version="1.0.0", checksum="x",
-        manifest=ManifestSummary(author="acme"), duration_ms=1.0,
+        Installed,
+        request_id="i1",
+        tenant_id="t1",
+        plugin_id="acme/calc",
+        identifier="acme/calc:1.0.0@x",
+        version="1.0.0",
+        checksum="x",
+        manifest=ManifestSummary(author="acme"),
+        duration_ms=1.0,
     )
     await project(redis, pool, keys, installed, *_task_events("r1", "acme/calc", 7.0))
 
@@ -239,8 +281,11 @@ async def test_events_filters_and_pagination(
     api: httpx.AsyncClient, redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys
 ) -> None:
     await project(
-        redis, pool, keys,
-        *_task_events("r1", "acme/calc", 1.0), *_task_events("r2", "acme/other", 2.0),
+        redis,
+        pool,
+        keys,
+        *_task_events("r1", "acme/calc", 1.0),
+        *_task_events("r2", "acme/other", 2.0),
         *_task_events("r3", "acme/calc:1.0.0@x", 3.0),
     )
     seen: list[int] = []
@@ -267,16 +312,15 @@ async def test_events_filters_and_pagination(
     assert [e["type"] for e in by_request] == ["task.started", "task.succeeded"]
     since = (await api.get("/api/v1/events?since=5")).json()["events"]
     assert [e["position"] for e in since] == [5, 6]
-    by_time = (await api.get("/api/v1/events", params={"since": "2000-01-01T00:00:00Z",
-                                                       "tenant": "t1"})).json()["events"]
+    by_time = (
+        await api.get("/api/v1/events", params={"since": "2000-01-01T00:00:00Z", "tenant": "t1"})
+    ).json()["events"]
     assert len(by_time) == 6
     for query in ("limit=0", "limit=1001", "after=x", "since=yesterday"):
         assert (await api.get(f"/api/v1/events?{query}")).status_code == 400, query
 
 
-async def test_metrics_per_app(
-    redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys
-) -> None:
+async def test_metrics_per_app(redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys) -> None:
     await project(redis, pool, keys, *_task_events("r1", "acme/calc", 4.0))
     await redis.xadd(keys.events, {"event": b"{}"})  # one event not projected yet
     for _ in range(2):  # two apps in one process must not clash over a global registry

@@ -29,7 +29,10 @@ async def test_round_trip(pool: asyncpg.Pool) -> None:
     data = b"PK\x03\x04 not really a zip \x00\xff" * 100
     sha = hashlib.sha256(data).hexdigest()
     declaration: dict[Any, Any] = {
-        "author": "acme", "name": "calc", "tools": [{"name": "add"}], 1: "int key (YAML allows it)",
+        "author": "acme",
+        "name": "calc",
+        "tools": [{"name": "add"}],
+        1: "int key (YAML allows it)",
     }
     identifier = f"acme/calc:0.1.0@{sha}"
 
@@ -43,7 +46,10 @@ async def test_round_trip(pool: asyncpg.Pool) -> None:
     stored = await get_package(pool, sha)
     assert stored is not None
     assert (stored.sha256, stored.identifier, stored.size, stored.data) == (
-        sha, identifier, len(data), data,
+        sha,
+        identifier,
+        len(data),
+        data,
     )
     assert stored.declaration["tools"] == [{"name": "add"}]
     async with pool.acquire() as conn:
@@ -55,8 +61,6 @@ async def test_round_trip(pool: asyncpg.Pool) -> None:
 
 async def test_refuses_bytes_under_another_digest(pool: asyncpg.Pool) -> None:
     with pytest.raises(PlugindError) as info:
-        await put_package(
-            pool, sha256="0" * 64, identifier="a/b:1@c", declaration={}, data=b"data"
-        )
+        await put_package(pool, sha256="0" * 64, identifier="a/b:1@c", declaration={}, data=b"data")
     assert info.value.code == "checksum_mismatch"
     assert await get_package(pool, "0" * 64) is None

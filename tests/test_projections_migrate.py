@@ -25,9 +25,10 @@ async def test_migrate_applies_every_version_once(database_url: str) -> None:
             for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")
         }
         assert TABLES | {"schema_migrations"} <= tables
-        recorded = [r["version"] for r in await conn.fetch(
-            "SELECT version FROM schema_migrations ORDER BY version"
-        )]
+        recorded = [
+            r["version"]
+            for r in await conn.fetch("SELECT version FROM schema_migrations ORDER BY version")
+        ]
         assert recorded == versions
     finally:
         await conn.close()

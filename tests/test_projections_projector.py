@@ -70,30 +70,50 @@ async def publish(redis: aioredis.Redis, keys: Keys, *events: Event | bytes) -> 
 
 def installed(plugin: str = "acme/calc", version: str = "0.1.0", rid: str = "i1") -> Installed:
     return ev(
-        Installed, request_id=rid, tenant_id=T, plugin_id=plugin,
-        identifier=f"{plugin}:{version}@abc", version=version, checksum="abc",
-        manifest=ManifestSummary(author="acme", tools=["add"]), duration_ms=12.5,
+        Installed,
+        request_id=rid,
+        tenant_id=T,
+        plugin_id=plugin,
+        identifier=f"{plugin}:{version}@abc",
+        version=version,
+        checksum="abc",
+        manifest=ManifestSummary(author="acme", tools=["add"]),
+        duration_ms=12.5,
     )
 
 
 def started(rid: str, attempt: int = 1) -> TaskStarted:
     return ev(
-        TaskStarted, request_id=rid, tenant_id=T, plugin_id="acme/calc",
-        identifier="acme/calc:0.1.0@abc", access="tool", action="invoke_tool", attempt=attempt,
+        TaskStarted,
+        request_id=rid,
+        tenant_id=T,
+        plugin_id="acme/calc",
+        identifier="acme/calc:0.1.0@abc",
+        access="tool",
+        action="invoke_tool",
+        attempt=attempt,
     )
 
 
 def succeeded(rid: str, result: Any = 3, duration: float = 8.0) -> TaskSucceeded:
     return ev(
-        TaskSucceeded, request_id=rid, tenant_id=T, plugin_id="acme/calc",
-        result=TaskResult(chunks=[{"value": result}]), duration_ms=duration,
+        TaskSucceeded,
+        request_id=rid,
+        tenant_id=T,
+        plugin_id="acme/calc",
+        result=TaskResult(chunks=[{"value": result}]),
+        duration_ms=duration,
     )
 
 
 def failed(rid: str, code: str = "plugin_error") -> TaskFailed:
     return ev(
-        TaskFailed, request_id=rid, tenant_id=T, plugin_id="acme/calc:0.1.0@abc",
-        error=ErrorInfo(code, "boom", error_type="ValueError"), duration_ms=3.0,
+        TaskFailed,
+        request_id=rid,
+        tenant_id=T,
+        plugin_id="acme/calc:0.1.0@abc",
+        error=ErrorInfo(code, "boom", error_type="ValueError"),
+        duration_ms=3.0,
     )
 
 
@@ -127,8 +147,11 @@ async def test_log_is_gap_free_chained_and_acknowledged(
     assert [r["position"] for r in rows] == [1, 2, 3, 4, 5]
     assert [r["stream_id"] for r in rows] == ids
     assert [r["type"] for r in rows] == [
-        "plugin.install_started", "plugin.install_progress", "plugin.installed",
-        "task.started", "task.succeeded",
+        "plugin.install_started",
+        "plugin.install_progress",
+        "plugin.installed",
+        "task.started",
+        "task.succeeded",
     ]
     assert rows[2]["plugin_id"] == "acme/calc"
     assert await pending(redis, keys) == 0
@@ -149,14 +172,21 @@ async def test_plugin_read_model(
     await projector.run_once()
     plugins = await list_plugins(pool, tenant_id=T)
     assert [(p.plugin_id, p.status, p.version) for p in plugins] == [
-        ("acme/calc", "installed", "0.1.0"), ("acme/other", "installed", "0.1.0"),
+        ("acme/calc", "installed", "0.1.0"),
+        ("acme/other", "installed", "0.1.0"),
     ]
     assert plugins[0].manifest["tools"] == ["add"]
 
     await publish(
-        redis, keys,
-        ev(Uninstalled, request_id="u1", tenant_id=T, plugin_id="acme/other",
-           identifier="acme/other:0.1.0@abc"),
+        redis,
+        keys,
+        ev(
+            Uninstalled,
+            request_id="u1",
+            tenant_id=T,
+            plugin_id="acme/other",
+            identifier="acme/other:0.1.0@abc",
+        ),
         installed(version="0.2.0", rid="i3"),
     )
     await projector.run_once()
@@ -169,12 +199,23 @@ async def test_task_read_model(
     redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys, projector: Projector
 ) -> None:
     timed_out = ev(
-        TaskTimedOut, request_id="r3", tenant_id=T, plugin_id="acme/calc",
-        timeout_s=30, duration_ms=30_001.0,
+        TaskTimedOut,
+        request_id="r3",
+        tenant_id=T,
+        plugin_id="acme/calc",
+        timeout_s=30,
+        duration_ms=30_001.0,
     )
     await publish(
-        redis, keys, started("r1"), started("r1", attempt=2), succeeded("r1"),
-        failed("r2", code="unknown_plugin"), started("r3"), timed_out, started("r4"),
+        redis,
+        keys,
+        started("r1"),
+        started("r1", attempt=2),
+        succeeded("r1"),
+        failed("r2", code="unknown_plugin"),
+        started("r3"),
+        timed_out,
+        started("r4"),
     )
     assert await projector.run_once() == 7
 
@@ -206,18 +247,48 @@ async def test_first_terminal_state_wins(
     await publish(redis, keys, started("r1"), succeeded("r1"))
     await projector.run_once()
     await publish(
-        redis, keys,
-        failed("r1"), started("r1", attempt=3),
-        ev(CommandRejected, request_id="r1", tenant_id=T, stream=keys.tasks, entry_id="1-0",
-           error=error, raw="{}"),
+        redis,
+        keys,
+        failed("r1"),
+        started("r1", attempt=3),
+        ev(
+            CommandRejected,
+            request_id="r1",
+            tenant_id=T,
+            stream=keys.tasks,
+            entry_id="1-0",
+            error=error,
+            raw="{}",
+        ),
         started("r2"),
-        ev(CommandDeadLettered, request_id="r2", tenant_id=T, stream=keys.tasks,
-           entry_id="2-0", deliveries=5, error=ErrorInfo("plugin_crashed", "died")),
+        ev(
+            CommandDeadLettered,
+            request_id="r2",
+            tenant_id=T,
+            stream=keys.tasks,
+            entry_id="2-0",
+            deliveries=5,
+            error=ErrorInfo("plugin_crashed", "died"),
+        ),
         succeeded("r2"),
-        ev(CommandRejected, request_id="r5", tenant_id=T, stream=keys.tasks, entry_id="3-0",
-           error=error, raw="{"),
-        ev(CommandRejected, request_id="i9", tenant_id=T, stream=keys.install, entry_id="4-0",
-           error=error, raw="{"),
+        ev(
+            CommandRejected,
+            request_id="r5",
+            tenant_id=T,
+            stream=keys.tasks,
+            entry_id="3-0",
+            error=error,
+            raw="{",
+        ),
+        ev(
+            CommandRejected,
+            request_id="i9",
+            tenant_id=T,
+            stream=keys.install,
+            entry_id="4-0",
+            error=error,
+            raw="{",
+        ),
     )
     assert await projector.run_once() == 8
 
@@ -328,7 +399,8 @@ async def test_awkward_json_is_stored_and_still_verifies(
     # jsonb cannot hold NUL and rewrites numbers (1e16 -> 10000000000000000, -0.0 -> 0.0):
     # the chain must be computed over what Postgres stores, or verification would fail.
     await publish(
-        redis, keys,
+        redis,
+        keys,
         succeeded("r1", result={"nul": "a\x00b", "big": 1e16, "neg": -0.0, "huge": 10**30}),
     )
     assert await projector.run_once() == 1

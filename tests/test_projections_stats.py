@@ -38,28 +38,66 @@ async def _seed(conn: asyncpg.Connection) -> None:
     # acme/calc: 100 recent successes taking 1..100 ms
     for n in range(1, 101):
         event = ev(
-            TaskSucceeded, request_id=f"c{n}", tenant_id="t", plugin_id="acme/calc",
-            result=TaskResult(chunks=[]), duration_ms=float(n),
+            TaskSucceeded,
+            request_id=f"c{n}",
+            tenant_id="t",
+            plugin_id="acme/calc",
+            result=TaskResult(chunks=[]),
+            duration_ms=float(n),
         )
         await apply_event(conn, event, at=now)
     # acme/slow: recent failure + timeout + one still running; two successes 3 h ago
-    await apply_event(conn, ev(
-        TaskFailed, request_id="s1", tenant_id="t", plugin_id="acme/slow:1.0.0@x",
-        error=ErrorInfo("plugin_error", "no"), duration_ms=1000.0,
-    ), at=now)
-    await apply_event(conn, ev(
-        TaskTimedOut, request_id="s2", tenant_id="t", plugin_id="acme/slow",
-        timeout_s=3, duration_ms=3000.0,
-    ), at=now)
-    await apply_event(conn, ev(
-        TaskStarted, request_id="s3", tenant_id="t", plugin_id="acme/slow",
-        identifier="acme/slow:1.0.0@x", access="tool", action="invoke_tool", attempt=1,
-    ), at=now)
+    await apply_event(
+        conn,
+        ev(
+            TaskFailed,
+            request_id="s1",
+            tenant_id="t",
+            plugin_id="acme/slow:1.0.0@x",
+            error=ErrorInfo("plugin_error", "no"),
+            duration_ms=1000.0,
+        ),
+        at=now,
+    )
+    await apply_event(
+        conn,
+        ev(
+            TaskTimedOut,
+            request_id="s2",
+            tenant_id="t",
+            plugin_id="acme/slow",
+            timeout_s=3,
+            duration_ms=3000.0,
+        ),
+        at=now,
+    )
+    await apply_event(
+        conn,
+        ev(
+            TaskStarted,
+            request_id="s3",
+            tenant_id="t",
+            plugin_id="acme/slow",
+            identifier="acme/slow:1.0.0@x",
+            access="tool",
+            action="invoke_tool",
+            attempt=1,
+        ),
+        at=now,
+    )
     for i, ms in enumerate((500.0, 700.0)):
-        await apply_event(conn, ev(
-            TaskSucceeded, request_id=f"old{i}", tenant_id="t", plugin_id="acme/slow",
-            result=TaskResult(chunks=[]), duration_ms=ms,
-        ), at=now - timedelta(hours=3))
+        await apply_event(
+            conn,
+            ev(
+                TaskSucceeded,
+                request_id=f"old{i}",
+                tenant_id="t",
+                plugin_id="acme/slow",
+                result=TaskResult(chunks=[]),
+                duration_ms=ms,
+            ),
+            at=now - timedelta(hours=3),
+        )
 
 
 async def test_stats_overall_and_per_plugin(conn: asyncpg.Connection) -> None:

@@ -100,7 +100,9 @@ class StreamConsumer:
             if self._in_flight:
                 log.warning(
                     "Shutdown grace of %.0fs over: %d %s entries left pending for another consumer",
-                    grace_s, len(self._in_flight), self.stream,
+                    grace_s,
+                    len(self._in_flight),
+                    self.stream,
                 )
             tg.cancel_scope.cancel()
 
@@ -183,7 +185,6 @@ class StreamConsumer:
                 )
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning("Keep-alive of %d %s entries failed: %s", len(ids), self.stream, exc)
-
 
     async def reclaim(self, tg: anyio.abc.TaskGroup) -> int:
         """Take over stale entries of other consumers once; returns how many were taken."""

@@ -101,8 +101,12 @@ class Emitter:
     ) -> str | None:
         fields = {text(k): text(v) for k, v in delivery.fields.items()}
         result = await self._dead(
-            keys=[delivery.stream, self._keys.events, self._keys.done(event.request_id),
-                  self._keys.dead],
+            keys=[
+                delivery.stream,
+                self._keys.events,
+                self._keys.done(event.request_id),
+                self._keys.dead,
+            ],
             args=[
                 WORKERS_GROUP,
                 delivery.entry_id,

@@ -139,9 +139,7 @@ def create_read_app(
         q = request.query_params
         status = q.get("status") or "installed"
         if status not in ("installed", "uninstalled", "all"):
-            raise BadParameterError(
-                f"status must be installed, uninstalled or all, got {status!r}"
-            )
+            raise BadParameterError(f"status must be installed, uninstalled or all, got {status!r}")
         async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
             rows = await list_plugins(
                 conn,

@@ -74,7 +74,11 @@ def verify_chain(
     for position, payload, stored in rows:
         if position != prev_position + 1:
             return VerifyResult(
-                False, checked, prev_position, prev_hash, position,
+                False,
+                checked,
+                prev_position,
+                prev_hash,
+                position,
                 f"position {position} follows {prev_position}: the log has a gap",
             )
         try:
@@ -85,7 +89,11 @@ def verify_chain(
             )
         if bytes(stored) != expected:
             return VerifyResult(
-                False, checked, prev_position, prev_hash, position,
+                False,
+                checked,
+                prev_position,
+                prev_hash,
+                position,
                 f"hash mismatch at position {position}: stored {bytes(stored).hex()}, "
                 f"computed {expected.hex()}",
             )

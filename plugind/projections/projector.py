@@ -160,7 +160,9 @@ class Projector:
                 except Exception as exc:  # keep projecting: the daemon must outlive one bad batch
                     expected = (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
                     log.error(
-                        "Projector batch failed, retrying in %.1fs: %r", backoff, exc,
+                        "Projector batch failed, retrying in %.1fs: %r",
+                        backoff,
+                        exc,
                         exc_info=not isinstance(exc, expected),
                     )
                     self._read_pending = True
@@ -201,7 +203,11 @@ class Projector:
         cursor = "0-0"
         while True:
             reply = await self.redis.xautoclaim(
-                self.keys.events, PROJECTOR_GROUP, self.node, 0, cursor,
+                self.keys.events,
+                PROJECTOR_GROUP,
+                self.node,
+                0,
+                cursor,
                 count=self.batch_size,
             )
             cursor = as_str(reply[0])  # (justid=True would make redis-py drop the cursor)
@@ -219,8 +225,11 @@ class Projector:
                     return entries
                 self._read_pending = False
             reply = await self.redis.xreadgroup(
-                PROJECTOR_GROUP, self.node, {self.keys.events: ">"},
-                count=self.batch_size, block=self.block_ms or None,
+                PROJECTOR_GROUP,
+                self.node,
+                {self.keys.events: ">"},
+                count=self.batch_size,
+                block=self.block_ms or None,
             )
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
@@ -235,8 +244,11 @@ class Projector:
         async with conn.transaction():
             cp = await self._lock_checkpoint(conn)
             last_key = stream_id_key(cp["last_stream_id"]) if cp["last_stream_id"] else None
-            fresh = [decode_entry(sid, fields) for sid, fields in raw
-                     if last_key is None or stream_id_key(sid) > last_key]
+            fresh = [
+                decode_entry(sid, fields)
+                for sid, fields in raw
+                if last_key is None or stream_id_key(sid) > last_key
+            ]
             if not fresh:
                 return 0
             rows = await self._drop_duplicates(conn, fresh)
@@ -252,16 +264,26 @@ class Projector:
                     positions.append(position)
                     hashes.append(head)
                 await conn.execute(
-                    _INSERT_LOG, positions, [e.stream_id for e in rows],
-                    [e.event_id for e in rows], [e.type for e in rows],
-                    [e.request_id for e in rows], [e.tenant_id for e in rows],
-                    [e.plugin_id for e in rows], [e.at for e in rows], normalised, hashes,
+                    _INSERT_LOG,
+                    positions,
+                    [e.stream_id for e in rows],
+                    [e.event_id for e in rows],
+                    [e.type for e in rows],
+                    [e.request_id for e in rows],
+                    [e.tenant_id for e in rows],
+                    [e.plugin_id for e in rows],
+                    [e.at for e in rows],
+                    normalised,
+                    hashes,
                 )
                 for entry, pos in zip(rows, positions, strict=True):
                     if entry.event is None:
                         log.error(
                             "Event stream entry %s is not a valid event (%s); recorded as "
-                            "type unknown at position %d", entry.stream_id, entry.error, pos,
+                            "type unknown at position %d",
+                            entry.stream_id,
+                            entry.error,
+                            pos,
                         )
                 await self._apply(conn, rows, positions)
             await conn.execute(
@@ -271,7 +293,11 @@ class Projector:
                     updated_at = now()
                 WHERE name = $1
                 """,
-                self.checkpoint, self.keys.events, fresh[-1].stream_id, position, head,
+                self.checkpoint,
+                self.keys.events,
+                fresh[-1].stream_id,
+                position,
+                head,
             )
         log.debug("Projected %d events up to position %d", len(rows), position)
         return len(rows)
@@ -280,7 +306,8 @@ class Projector:
         await conn.execute(
             "INSERT INTO projection_checkpoints (name, stream) VALUES ($1, $2)"
             " ON CONFLICT (name) DO NOTHING",
-            self.checkpoint, self.keys.events,
+            self.checkpoint,
+            self.keys.events,
         )
         cp = await conn.fetchrow(
             "SELECT stream, last_stream_id, last_position, head_hash FROM projection_checkpoints"
@@ -312,7 +339,9 @@ class Projector:
                 if entry.event_id in seen:
                     log.warning(
                         "Skipping event %s (%s) at stream id %s: already in the event log",
-                        entry.event_id, entry.type, entry.stream_id,
+                        entry.event_id,
+                        entry.type,
+                        entry.stream_id,
                     )
                     continue
                 seen.add(entry.event_id)
@@ -337,5 +366,8 @@ class Projector:
             except asyncpg.PostgresError as exc:
                 log.error(
                     "Read-model update skipped for event %s (%s) at position %d: %r",
-                    entry.event_id, entry.type, position, exc,
+                    entry.event_id,
+                    entry.type,
+                    position,
+                    exc,
                 )

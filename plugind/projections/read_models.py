@@ -120,8 +120,14 @@ def statement_for(
     match event:
         case TaskStarted():
             return _TASK_STARTED, (
-                event.request_id, event.tenant_id, short_plugin_id(event.plugin_id),
-                event.identifier, event.access, event.action, event.attempt, at,
+                event.request_id,
+                event.tenant_id,
+                short_plugin_id(event.plugin_id),
+                event.identifier,
+                event.access,
+                event.action,
+                event.attempt,
+                at,
             )
         case TaskSucceeded():
             return _task_ended(event, at, "succeeded", result=_json(event.result))
@@ -139,13 +145,21 @@ def statement_for(
             error = _json(event.error)
             if tasks_stream is not None and event.stream == tasks_stream and event.request_id:
                 return _COMMAND_FAILED_UPSERT, (
-                    event.request_id, status, at, error, event.tenant_id,
+                    event.request_id,
+                    status,
+                    at,
+                    error,
+                    event.tenant_id,
                 )
             return _COMMAND_FAILED_UPDATE, (event.request_id, status, at, error)
         case Installed():
             return _INSTALLED, (
-                event.tenant_id, short_plugin_id(event.plugin_id), event.identifier,
-                event.version, _json(event.manifest), at,
+                event.tenant_id,
+                short_plugin_id(event.plugin_id),
+                event.identifier,
+                event.version,
+                _json(event.manifest),
+                at,
             )
         case Uninstalled():
             return _UNINSTALLED, (event.tenant_id, short_plugin_id(event.plugin_id), at)
@@ -169,8 +183,15 @@ def _task_ended(
     error: str | None = None,
 ) -> Statement:
     return _TASK_ENDED, (
-        event.request_id, event.tenant_id, short_plugin_id(event.plugin_id),
-        _identifier(event.plugin_id), status, at, event.duration_ms, result, error,
+        event.request_id,
+        event.tenant_id,
+        short_plugin_id(event.plugin_id),
+        _identifier(event.plugin_id),
+        status,
+        at,
+        event.duration_ms,
+        result,
+        error,
     )
 
 

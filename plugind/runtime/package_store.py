@@ -45,9 +45,7 @@ async def put_package(
     sha256 = sha256.lower()
     actual = hashlib.sha256(data).hexdigest()
     if actual != sha256:
-        raise PlugindError(
-            "checksum_mismatch", f"package bytes have sha256 {actual}, not {sha256}"
-        )
+        raise PlugindError("checksum_mismatch", f"package bytes have sha256 {actual}, not {sha256}")
     stored = await pool_or_conn.fetchval(
         """
         INSERT INTO packages (sha256, identifier, size, declaration, data)
