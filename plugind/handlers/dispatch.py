@@ -8,6 +8,7 @@ the entry stays pending and is retried, and after ``PLUGIND_MAX_DELIVERIES`` dea
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import msgspec
@@ -32,6 +33,8 @@ from plugind.messages import (
 log = logging.getLogger("plugind.bus")
 
 _CMD = CMD_FIELD.encode()
+_REQUEST_ID = re.compile(rb'"request_id"\s*:\s*"([^"\\]{1,128})"')
+_TENANT_ID = re.compile(rb'"tenant_id"\s*:\s*"([^"\\]{1,128})"')
 
 
 class Dispatcher:
@@ -124,7 +127,13 @@ def _best_effort_ids(raw: bytes) -> tuple[str, str]:
     try:
         obj: Any = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return "", "default"
+        # cut or broken JSON (an oversized command is only looked at in part): look for the keys
+        rid_match = _REQUEST_ID.search(raw)
+        tenant_match = _TENANT_ID.search(raw)
+        return (
+            rid_match.group(1).decode() if rid_match else "",
+            tenant_match.group(1).decode() if tenant_match else "default",
+        )
     if not isinstance(obj, dict):
         return "", "default"
     rid = obj.get("request_id")
