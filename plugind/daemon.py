@@ -12,6 +12,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
@@ -25,6 +26,7 @@ from plugind import __version__
 from plugind.bus.consumer import StreamConsumer, ensure_group
 from plugind.bus.emit import Emitter
 from plugind.bus.keys import WORKERS_GROUP, Keys
+from plugind.bus.retention import run_retention
 from plugind.config import ConfigError, Settings, mask_url
 from plugind.handlers.context import HandlerContext
 from plugind.handlers.dispatch import Dispatcher
@@ -168,6 +170,15 @@ class Daemon:
         if "projector" in self.roles:
             projector = Projector(self.redis, self.db, keys, settings.node)
             tg.start_soon(projector.run)
+            tg.start_soon(
+                partial(
+                    run_retention,
+                    self.redis,
+                    self.db,
+                    keys,
+                    retention_s=settings.stream_retention,
+                )
+            )
         if "api" in self.roles:
             from plugind.http.read_api import create_read_app
 
