@@ -17,9 +17,9 @@ from typing import Any
 import anyio
 import redis.asyncio as aioredis
 
-from plugind.bus.codec import EVENT_FIELD, text
+from plugind.bus.codec import EVENT_FIELD, command_fields, text
 from plugind.bus.keys import Keys
-from plugind.bus.producer import publish
+from plugind.bus.producer import publish, stream_for
 from plugind.messages import (
     AnyCommand,
     AnyEvent,
@@ -67,6 +67,16 @@ class Client:
         self._cursors[command.request_id] = await self._events_tail()
         await publish(self.redis, self.keys, command)
         return command.request_id
+
+    async def send_many(self, commands: list[AnyCommand]) -> list[str]:
+        """Publish many commands in one round trip (a pipeline); returns their request ids."""
+        cursor = await self._events_tail()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for command in commands:
+                self._cursors[command.request_id] = cursor
+                pipe.xadd(stream_for(self.keys, command), command_fields(command))
+            await pipe.execute()
+        return [c.request_id for c in commands]
 
     async def install(
         self,

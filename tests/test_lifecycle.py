@@ -127,3 +127,23 @@ async def test_oversized_commands_and_packages_are_refused(
         assert isinstance(rejected, CommandRejected), rejected
         assert rejected.error.code == "payload_too_large"
         assert rejected.request_id == rid
+
+
+async def test_packages_that_cannot_run_fail_to_install_with_the_reason(
+    daemon: Daemon, client: Client, tmp_path: Path
+) -> None:
+    no_source = write_plugin(tmp_path / "nosrc", name="nosrc", tools={"echo": ECHO})
+    (no_source / "tools" / "echo.py").unlink()
+    bad_deps = write_plugin(tmp_path / "baddeps", name="baddeps", tools={"echo": ECHO})
+    (bad_deps / "requirements.txt").write_text(
+        "dify-plugin==0.10.2\nplugind-no-such-package-anywhere==9.9.9\n"
+    )
+    failures = {}
+    for folder in (no_source, bad_deps):
+        event = await client.wait(await client.install(package_bytes(folder)), timeout=300)
+        assert isinstance(event, InstallFailed), event
+        failures[folder.name] = event.error
+    assert failures["nosrc"].code in ("plugin_start_failed", "invalid_package")
+    assert "echo.py" in failures["nosrc"].message
+    assert failures["baddeps"].code == "dependency_install_failed"
+    assert "plugind-no-such-package-anywhere" in failures["baddeps"].message

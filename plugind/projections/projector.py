@@ -186,10 +186,15 @@ class Projector:
         entries = await self._read()
         if not entries:
             return 0
-        applied = await self._commit(entries)
-        await self.redis.xack(self.keys.events, PROJECTOR_GROUP, *(sid for sid, _ in entries))
-        self._safe_mode = False
-        return applied
+        # A batch read is committed and acknowledged even when shutdown cancels us meanwhile:
+        # cancelling inside the transaction would only throw the work away (and make asyncpg
+        # reset the connection). The bound keeps a wedged database from holding up shutdown.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+            applied = await self._commit(entries)
+            await self.redis.xack(self.keys.events, PROJECTOR_GROUP, *(sid for sid, _ in entries))
+            self._safe_mode = False
+            return applied
+        return 0
 
     async def lag(self) -> int:
         return await projector_lag(self.redis, self.keys)
