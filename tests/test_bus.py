@@ -172,3 +172,33 @@ def test_keys_share_one_hash_tag_and_shards_are_stable() -> None:
     assert {shard_namespace("plugind", 4, f"a/p{i}") for i in range(100)} == {
         f"plugind:{i}" for i in range(4)
     }
+
+
+async def test_a_restarted_consumer_runs_its_own_backlog_once(redis: Any, keys: Keys) -> None:
+    await ensure_group(redis, keys.tasks, WORKERS_GROUP)
+    ids = await _fill(redis, keys.tasks, 7)
+    await redis.xreadgroup(WORKERS_GROUP, "same-name", {keys.tasks: ">"}, count=5)  # then died
+    seen: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        await anyio.sleep(0.05)
+        seen.append(delivery.entry_id)
+        await redis.xack(delivery.stream, WORKERS_GROUP, delivery.entry_id)
+
+    consumer = StreamConsumer(
+        redis,
+        stream=keys.tasks,
+        group=WORKERS_GROUP,
+        consumer="same-name",
+        handler=handler,
+        concurrency=2,
+        block_ms=50,
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer.run)
+        with anyio.fail_after(10):
+            while len(seen) < 7:
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.3)
+        consumer.stop()
+    assert sorted(seen) == sorted(ids)

@@ -144,8 +144,10 @@ class StreamConsumer:
             if scope.cancel_called:
                 break
             entries = _entries(reply)
-            if start == "0" and not entries:
+            if start != ">" and not entries:
                 return  # our backlog is drained
+            if start != ">":
+                start = entries[-1][0]  # the backlog is read by id: move past what we have
             for entry_id, fields in entries:
                 if not fields:  # trimmed while pending: nothing left to run
                     await self._redis.xack(self.stream, self.group, entry_id)

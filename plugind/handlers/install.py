@@ -23,7 +23,7 @@ from plugind.messages import (
     PackageRef,
 )
 from plugind.runtime.package import PluginPackage, read_package
-from plugind.runtime.package_store import get_package, put_package
+from plugind.runtime.package_store import get_package, store_package
 
 log = logging.getLogger("plugind.install")
 
@@ -121,13 +121,7 @@ async def _install(ctx: HandlerContext, cmd: InstallCommand, progress: Progress)
             f"package is {package.identifier}, expected {cmd.expected_identifier}",
         )
     await progress("store", f"storing {package.identifier} ({package.sha256[:12]})")
-    await put_package(
-        ctx.db,
-        sha256=package.sha256,
-        identifier=package.identifier,
-        declaration=package.declaration,
-        data=package.data,
-    )
+    await store_package(ctx.db, package)
     local = await ctx.local.ensure(package.identifier, package=package, progress=progress)
     await progress("launch", f"starting {package.identifier}")
     try:

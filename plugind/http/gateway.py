@@ -39,7 +39,7 @@ from plugind.messages import (
     is_terminal,
 )
 from plugind.runtime.package import read_package
-from plugind.runtime.package_store import get_package_by_identifier, put_package
+from plugind.runtime.package_store import get_package_by_identifier, store_package
 
 MAX_JSON_BODY = 8 * 1024 * 1024
 MAX_WAIT_S = 300.0
@@ -108,13 +108,7 @@ class _Gateway:
         else:
             data = await self._body(request, limit)
         package = await anyio.to_thread.run_sync(lambda: read_package(data, max_size=limit))
-        await put_package(
-            self.pool,
-            sha256=package.sha256,
-            identifier=package.identifier,
-            declaration=package.declaration,
-            data=package.data,
-        )
+        await store_package(self.pool, package)
         return _json(
             {
                 "sha256": package.sha256,

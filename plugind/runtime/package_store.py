@@ -16,6 +16,7 @@ import orjson
 from asyncpg.pool import PoolConnectionProxy
 
 from plugind.errors import PlugindError
+from plugind.runtime.package import PluginPackage
 
 Executor: TypeAlias = asyncpg.Pool | asyncpg.Connection | PoolConnectionProxy
 
@@ -60,6 +61,17 @@ async def put_package(
         data,
     )
     return bool(stored)
+
+
+async def store_package(pool_or_conn: Executor, package: PluginPackage) -> bool:
+    """:func:`put_package` for a verified package."""
+    return await put_package(
+        pool_or_conn,
+        sha256=package.sha256,
+        identifier=package.identifier,
+        declaration=package.declaration,
+        data=package.data,
+    )
 
 
 _SELECT = "SELECT sha256, identifier, size, declaration::text AS declaration, data FROM packages"
