@@ -24,6 +24,7 @@ from plugind.cli_commands import (
     cmd_status,
     cmd_uninstall,
 )
+from plugind.cli_ops import cmd_audit, cmd_dlq
 from plugind.cli_support import CliError
 from plugind.config import ConfigError, load_settings
 
@@ -128,6 +129,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--since", help="RFC 3339 time or log position")
     p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = add(
+        "dlq",
+        cmd_dlq,
+        "Inspect dead letters, publish them again (under new request ids), or purge them.",
+        "plugind dlq list; plugind dlq retry 1795892996997-0; plugind dlq purge --all",
+    )
+    p.add_argument("action", choices=("list", "retry", "purge"))
+    p.add_argument("ids", nargs="*", metavar="ID", help="dead-letter entry ids")
+    p.add_argument("--all", action="store_true", help="every dead letter")
+    p.add_argument("--json", action="store_true", help="list as JSON lines")
+
+    p = add(
+        "audit",
+        cmd_audit,
+        "Check the event log's hash chain from genesis and the projector's head hash.",
+        "plugind audit verify",
+    )
+    p.add_argument("check", choices=("verify",))
 
     add(
         "status",

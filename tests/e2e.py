@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -82,3 +84,19 @@ async def eventually(
             await anyio.sleep(0.05)
     finally:
         await conn.close()
+
+
+async def run_cli(settings: Settings, *args: str, check: bool = True) -> tuple[int, str, str]:
+    env = dict(
+        os.environ,
+        REDIS_URL=settings.redis_url or "",
+        DATABASE_URL=settings.database_url or "",
+        PLUGIND_NAMESPACE=settings.namespace,
+    )
+    result = await anyio.run_process(
+        [sys.executable, "-m", "plugind.cli", *args], env=env, check=False
+    )
+    out, err = result.stdout.decode(), result.stderr.decode()
+    if check:
+        assert result.returncode == 0, (args, out, err)
+    return result.returncode, out, err

@@ -9,7 +9,7 @@ from pathlib import Path
 import anyio
 import orjson
 import pytest
-from e2e import EXAMPLE_CALC, eventually
+from e2e import EXAMPLE_CALC, eventually, run_cli
 
 from plugind.config import Settings
 from plugind.daemon import Daemon
@@ -17,39 +17,23 @@ from plugind.daemon import Daemon
 pytestmark = pytest.mark.anyio
 
 
-async def _plugind(settings: Settings, *args: str, check: bool = True) -> tuple[int, str, str]:
-    env = dict(
-        os.environ,
-        REDIS_URL=settings.redis_url or "",
-        DATABASE_URL=settings.database_url or "",
-        PLUGIND_NAMESPACE=settings.namespace,
-    )
-    result = await anyio.run_process(
-        [sys.executable, "-m", "plugind.cli", *args], env=env, check=False
-    )
-    out, err = result.stdout.decode(), result.stderr.decode()
-    if check:
-        assert result.returncode == 0, (args, out, err)
-    return result.returncode, out, err
-
-
 async def test_package_install_invoke_events_status(
     daemon: Daemon, settings: Settings, tmp_path: Path
 ) -> None:
     target = tmp_path / "calc.difypkg"
-    _, out, _ = await _plugind(settings, "package", str(EXAMPLE_CALC), "-o", str(target))
+    _, out, _ = await run_cli(settings, "package", str(EXAMPLE_CALC), "-o", str(target))
     identifier = out.strip()
     assert identifier.startswith("acme/calc:0.1.0@") and target.is_file()
 
-    _, out, _ = await _plugind(settings, "install", str(target), "--wait")
+    _, out, _ = await run_cli(settings, "install", str(target), "--wait")
     assert orjson.loads(out)["identifier"] == identifier
 
-    _, out, _ = await _plugind(
+    _, out, _ = await run_cli(
         settings, "invoke", "acme/calc", "calc", "add", "a=2", "b=40", "--wait"
     )
     assert out.splitlines() == ['{"sum":42}', "42"]
 
-    code, out, _ = await _plugind(
+    code, out, _ = await run_cli(
         settings,
         "invoke",
         "acme/calc",
@@ -72,22 +56,25 @@ async def test_package_install_invoke_events_status(
         failed["request_id"],
         expect="failed",
     )
-    _, out, _ = await _plugind(settings, "events", "--type", "task.failed", "--json")
+    _, out, _ = await run_cli(settings, "events", "--type", "task.failed", "--json")
     events = [orjson.loads(line) for line in out.splitlines()]
     assert [e["request_id"] for e in events] == [failed["request_id"]]
 
-    _, out, _ = await _plugind(settings, "status")
+    _, out, _ = await run_cli(settings, "audit", "verify")
+    assert orjson.loads(out)["ok"] is True
+
+    _, out, _ = await run_cli(settings, "status")
     status = orjson.loads(out)
     tasks = status["streams"][daemon.keys.tasks]
     assert tasks["length"] == 2 and tasks["pending"] == 0
 
 
 async def test_usage_errors_exit_2(settings: Settings, tmp_path: Path) -> None:
-    code, _, err = await _plugind(settings, "invoke", "a/b", "p", "t", "novalue", check=False)
+    code, _, err = await run_cli(settings, "invoke", "a/b", "p", "t", "novalue", check=False)
     assert code == 2 and "key=value" in err
-    code, _, err = await _plugind(settings, "package", str(tmp_path), check=False)
+    code, _, err = await run_cli(settings, "package", str(tmp_path), check=False)
     assert code == 2 and "manifest.yaml" in err
-    code, _, err = await _plugind(settings, "frobnicate", check=False)
+    code, _, err = await run_cli(settings, "frobnicate", check=False)
     assert code == 2
     env_code = await anyio.run_process(
         [sys.executable, "-m", "plugind.cli", "status"],

@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 import pytest
+from e2e import run_cli
 from plugin_factory import package_bytes, write_plugin
 
 from plugind.bus.keys import WORKERS_GROUP
@@ -110,3 +111,13 @@ async def test_work_of_a_crashed_consumer_is_retried_then_dead_lettered(
         assert fields[b"stream"].decode() == keys.tasks
         assert b"poison" in fields[b"fields"]
         assert (await redis.xpending(keys.tasks, WORKERS_GROUP))["pending"] == 0
+
+        # the operator looks at it and publishes it again, under a new request id
+        _, out, _ = await run_cli(fast, "dlq", "list")
+        assert "request_id=poison" in out and "max_deliveries_exceeded" in out
+        _, out, _ = await run_cli(fast, "dlq", "retry", "--all")
+        new_rid = out.split("request_id=")[1].strip()
+        assert new_rid.startswith("poison:retry:")
+        retried_dead = await client.wait(new_rid, timeout=30)
+        assert isinstance(retried_dead, TaskSucceeded), retried_dead
+        assert await redis.xlen(keys.dead) == 0
