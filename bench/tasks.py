@@ -1,7 +1,7 @@
 """Benchmark: real-plugin tool tasks through the whole daemon.
 
-Starts ``plugind serve --role worker,projector`` as a separate process (on the Redis and
-Postgres given by ``REDIS_URL`` / ``DATABASE_URL``, else the local ones), installs the example
+Starts ``plugind serve --role worker`` and ``--role projector`` as processes of their own (on
+the Redis and Postgres given by ``REDIS_URL`` / ``DATABASE_URL``, else the local ones), installs the example
 calc plugin, then
 
 1. throughput: publishes ``--tasks`` add tasks at once and reports tasks/s from the first
@@ -11,7 +11,7 @@ calc plugin, then
 
 Each run uses a fresh namespace and database, dropped afterwards.
 
-    python bench/tasks.py --tasks 2000 --rate 100 --seconds 10 --workers 16 --instances 2
+    python bench/tasks.py --tasks 6000 --rate 100 --seconds 10 --workers 64 --instances 1
 """
 
 from __future__ import annotations
@@ -96,9 +96,13 @@ async def main(args: argparse.Namespace) -> None:
         PLUGIND_HTTP_PORT="0",
         LOG_LEVEL="WARN",
     )
-    daemon = subprocess.Popen(  # noqa: ASYNC220 - started once, before any async work
-        [sys.executable, "-m", "plugind.cli", "serve", "--role", "worker,projector"], env=env
-    )
+    # The worker and the projector in processes of their own, as a deployment would split them.
+    daemons = [
+        subprocess.Popen(  # noqa: ASYNC220 - started once, before any async work
+            [sys.executable, "-m", "plugind.cli", "serve", "--role", role], env=env
+        )
+        for role in args.roles.split("+")
+    ]
     redis = aioredis.Redis.from_url(redis_url)
     keys = Keys(namespace)
     client = Client(redis, keys)
@@ -149,8 +153,10 @@ async def main(args: argparse.Namespace) -> None:
             )
             tg.cancel_scope.cancel()
     finally:
-        daemon.terminate()
-        daemon.wait(30)
+        for daemon in daemons:
+            daemon.terminate()
+        for daemon in daemons:
+            daemon.wait(30)
         async for key in redis.scan_iter(match="{" + namespace + "}*"):
             await redis.delete(key)
         await redis.aclose()
@@ -184,9 +190,14 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--tasks", type=int, default=6000)
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=64, help="PLUGIN_WORKER_COUNT")
     parser.add_argument("--instances", type=int, default=1)
+    parser.add_argument(
+        "--roles",
+        default="worker+projector",
+        help="daemon processes to start, '+'-separated roles of each (default: worker+projector)",
+    )
     anyio.run(main, parser.parse_args())

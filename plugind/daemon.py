@@ -145,7 +145,9 @@ class Daemon:
         assert self.redis is not None and self.db is not None and self.plugins is not None
         servers: list[_Server] = []
         if "worker" in self.roles:
-            dispatcher = Dispatcher(self._handler_context())
+            context = self._handler_context()
+            await tg.start(context.emitter.pipeline.run)
+            dispatcher = Dispatcher(context)
             limits = {
                 keys.install: (settings.install_concurrency, settings.install_timeout),
                 keys.tasks: (settings.worker_count, settings.task_timeout),
@@ -201,14 +203,15 @@ class Daemon:
     def _handler_context(self) -> HandlerContext:
         settings, keys = self.settings, self.keys
         assert self.redis is not None and self.db is not None and self.plugins is not None
+        emitter = Emitter(self.redis, keys, dedupe_ttl=settings.dedupe_ttl)
         return HandlerContext(
             settings=settings,
             redis=self.redis,
             db=self.db,
             keys=keys,
-            emitter=Emitter(self.redis, keys, dedupe_ttl=settings.dedupe_ttl),
+            emitter=emitter,
             events=EventFactory(settings.node),
-            registry=Registry(self.redis, keys, self.db),
+            registry=Registry(self.redis, keys, self.db, emitter.pipeline),
             local=LocalPlugins(settings, self.db),
             plugins=self.plugins,
         )

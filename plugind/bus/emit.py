@@ -9,6 +9,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from plugind.bus import scripts
+from plugind.bus.autopipeline import AutoPipeline
 from plugind.bus.codec import EVENT_FIELD, text
 from plugind.bus.keys import WORKERS_GROUP, Keys, installed_field
 from plugind.messages import Event, encode
@@ -43,17 +44,20 @@ class Emitter:
         self._dedupe_ttl = dedupe_ttl
         self._commit = redis.register_script(scripts.TERMINAL_COMMIT)
         self._dead = redis.register_script(scripts.DEAD_LETTER)
+        self.pipeline = AutoPipeline(redis)
 
     async def emit(self, event: Event) -> str:
         """Append a non-terminal event (progress, started)."""
-        entry_id = await self._redis.xadd(self._keys.events, {EVENT_FIELD: encode(event)})
+        entry_id = await self.pipeline.execute(
+            "XADD", self._keys.events, "*", EVENT_FIELD, encode(event)
+        )
         return text(entry_id)
 
     async def already_done(self, request_id: str) -> bool:
-        return bool(await self._redis.exists(self._keys.done(request_id)))
+        return bool(await self.pipeline.execute("EXISTS", self._keys.done(request_id)))
 
     async def ack(self, delivery: Delivery) -> None:
-        await self._redis.xack(delivery.stream, WORKERS_GROUP, delivery.entry_id)
+        await self.pipeline.execute("XACK", delivery.stream, WORKERS_GROUP, delivery.entry_id)
 
     async def chunk(self, request_id: str, chunk: Any) -> None:
         """Publish one live chunk of a streaming task to its output stream."""
@@ -74,15 +78,17 @@ class Emitter:
     ) -> str | None:
         """The one atomic terminal step; returns the event's id, or None if it had already ended."""
         keys = self._keys
-        result = await self._commit(
-            keys=[
+        result = await self.pipeline.evalsha(
+            self._commit.sha,
+            scripts.TERMINAL_COMMIT,
+            [
                 delivery.stream,
                 keys.events,
                 keys.done(event.request_id),
                 keys.installed,
                 keys.out(event.request_id),
             ],
-            args=[
+            [
                 WORKERS_GROUP,
                 delivery.entry_id,
                 encode(event),

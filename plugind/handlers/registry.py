@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
+from plugind.bus.autopipeline import AutoPipeline
 from plugind.bus.codec import text
 from plugind.bus.keys import Keys, installed_field
 from plugind.errors import PlugindError
@@ -20,16 +21,23 @@ from plugind.runtime.package_store import get_package_by_identifier
 
 
 class Registry:
-    def __init__(self, redis: aioredis.Redis, keys: Keys, db: asyncpg.Pool) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        db: asyncpg.Pool,
+        pipeline: AutoPipeline | None = None,
+    ) -> None:
         self._redis = redis
+        self._pipeline = pipeline or AutoPipeline(redis)
         self._keys = keys
         self._db = db
         self._known_identifiers: set[str] = set()
 
     async def installed(self, tenant_id: str, plugin_id: str) -> str | None:
         """The identifier ``tenant_id`` has installed for ``author/name``, if any."""
-        value: Any = await self._redis.hget(
-            self._keys.installed, installed_field(tenant_id, plugin_id)
+        value: Any = await self._pipeline.execute(
+            "HGET", self._keys.installed, installed_field(tenant_id, plugin_id)
         )
         return text(value) if value else None
 
