@@ -1,8 +1,8 @@
 """Benchmark: real-plugin tool tasks through the whole daemon.
 
-Starts ``plugind serve --role worker`` and ``--role projector`` as processes of their own (on
-the Redis and Postgres given by ``REDIS_URL`` / ``DATABASE_URL``, else the local ones), installs the example
-calc plugin, then
+Starts ``plugind serve --role worker`` and ``--role projector`` as processes of their own
+(on the Redis and Postgres given by ``REDIS_URL`` / ``DATABASE_URL``, else the local ones),
+installs the example calc plugin, then
 
 1. throughput: publishes ``--tasks`` add tasks at once and reports tasks/s from the first
    publish to the last terminal event;
