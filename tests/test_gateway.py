@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import orjson
 import pytest
-from e2e import EXAMPLE_CALC
+from e2e import EXAMPLE_CALC, eventually
 
+from plugind.config import Settings
 from plugind.daemon import Daemon
 from plugind.runtime.package import build_package
 
@@ -106,3 +108,31 @@ async def test_bad_requests_get_clear_errors(http: httpx.AsyncClient) -> None:
     last = orjson.loads(data[-1].removeprefix("data: "))
     assert last["type"] == "command.rejected"
     assert last["error"]["code"] == "not_installed"
+
+
+async def test_events_of_a_finished_request_come_from_the_log(
+    http: httpx.AsyncClient, settings: Settings, daemon: Daemon, redis: Any
+) -> None:
+    data = build_package(EXAMPLE_CALC)
+    sha = (await http.post("/api/v1/packages", content=data)).json()["sha256"]
+    rid = (await http.post("/api/v1/plugins/install", json={"sha256": sha})).json()["request_id"]
+    assert settings.database_url is not None
+    await eventually(
+        settings.database_url,
+        "SELECT type FROM event_log WHERE request_id = $1 AND type = 'plugin.installed'",
+        rid,
+    )
+    await eventually(
+        settings.database_url,
+        "SELECT 1 FROM projection_checkpoints WHERE last_position >= "
+        "(SELECT max(position) FROM event_log WHERE request_id = $1)",
+        rid,
+    )
+    await redis.xtrim(daemon.keys.events, maxlen=0)  # only the log has them now
+    async with http.stream("GET", f"/api/v1/tasks/{rid}/events") as stream:
+        lines = [line async for line in stream.aiter_lines()]
+    names = [line.removeprefix("event: ") for line in lines if line.startswith("event: ")]
+    ids = [line.removeprefix("id: ") for line in lines if line.startswith("id: ")]
+    assert names[0] == "plugin.install_started" and names[-1] == "plugin.installed"
+    assert names.count("plugin.installed") == 1 and len(set(ids)) == len(ids)
+    assert "plugin.install_progress" in names

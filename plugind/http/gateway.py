@@ -29,6 +29,7 @@ from plugind.client import Client, WaitTimeout
 from plugind.config import Settings
 from plugind.errors import PlugindError
 from plugind.messages import (
+    TERMINAL_EVENT_TYPES,
     InstallCommand,
     PackageRef,
     TaskCommand,
@@ -38,6 +39,7 @@ from plugind.messages import (
     encode,
     is_terminal,
 )
+from plugind.projections.queries import get_checkpoint, query_events
 from plugind.runtime.package import read_package
 from plugind.runtime.package_store import get_package_by_identifier, store_package
 
@@ -172,10 +174,29 @@ class _Gateway:
         )
 
     async def _sse(self, request_id: str) -> AsyncIterator[bytes]:
-        """The request's events so far, then new ones, until its terminal event."""
+        """The request's events so far, then new ones, until its terminal event.
+
+        What the projector has committed comes from Postgres; the rest from the events stream,
+        read from the projector's checkpoint on (never trimmed past it), so the stream is not
+        scanned from its start.
+        """
+        cursor = "0-0"
+        try:
+            async with self.pool.acquire() as conn:
+                checkpoint = await get_checkpoint(conn)
+                page = await query_events(conn, request_id=request_id, limit=1000)
+        except (asyncpg.PostgresError, OSError):
+            checkpoint, page = None, None  # read it all from the stream instead
+        if checkpoint is not None and page is not None and checkpoint.last_stream_id:
+            cursor = checkpoint.last_stream_id
+            for row in page.events:
+                if row.position > checkpoint.last_position:
+                    continue  # committed after we read the checkpoint: the stream has it
+                yield _frame(row.stream_id, row.type, orjson.dumps(row.event))
+                if row.type in TERMINAL_EVENT_TYPES:
+                    return
         redis, keys = self.client.redis, self.client.keys
         needle = request_id.encode()
-        cursor = "0-0"
         idle_since = anyio.current_time()
         while True:
             reply: Any = await redis.xread({keys.events: cursor}, count=1000, block=5000)
@@ -194,10 +215,13 @@ class _Gateway:
                     if event.request_id != request_id:
                         continue
                     idle_since = anyio.current_time()
-                    tag = event.__struct_config__.tag
-                    yield f"id: {cursor}\nevent: {tag}\ndata: ".encode() + raw + b"\n\n"
+                    yield _frame(cursor, event.__struct_config__.tag, raw)
                     if is_terminal(event):
                         return
+
+
+def _frame(entry_id: str, event_type: Any, data: bytes) -> bytes:
+    return f"id: {entry_id}\nevent: {event_type}\ndata: ".encode() + data + b"\n\n"
 
 
 def _request_id(body: dict[str, Any]) -> str:
