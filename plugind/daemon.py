@@ -146,6 +146,13 @@ class Daemon:
         servers: list[_Server] = []
         if "worker" in self.roles:
             context = self._handler_context()
+            restored = await context.registry.restore_if_lost()
+            if restored:
+                log.warning(
+                    "Installed-plugin registry was missing in Redis; restored %d entries from "
+                    "Postgres",
+                    restored,
+                )
             await tg.start(context.emitter.pipeline.run)
             dispatcher = Dispatcher(context)
             limits = {

@@ -9,7 +9,7 @@ from typing import Any
 
 import anyio
 import pytest
-from e2e import run_cli
+from e2e import eventually, run_cli
 from plugin_factory import package_bytes, write_plugin
 
 from plugind.bus.keys import WORKERS_GROUP
@@ -121,3 +121,27 @@ async def test_work_of_a_crashed_consumer_is_retried_then_dead_lettered(
         retried_dead = await client.wait(new_rid, timeout=30)
         assert isinstance(retried_dead, TaskSucceeded), retried_dead
         assert await redis.xlen(keys.dead) == 0
+
+
+async def test_a_lost_registry_is_restored_from_postgres(
+    settings: Settings, redis: Any, tester_package: bytes
+) -> None:
+    async with running_daemon(settings, shutdown_grace_s=5) as first:
+        keys = first.keys
+        client = Client(redis, keys)
+        installed = await client.wait(await client.install(tester_package, tenant_id="t7"), 300)
+        assert isinstance(installed, Installed), installed
+        assert settings.database_url is not None
+        await eventually(
+            settings.database_url,
+            "SELECT status FROM plugins WHERE tenant_id = 't7'",
+            expect="installed",
+        )
+    await redis.delete(keys.installed)  # e.g. Redis restarted without persistence
+
+    async with running_daemon(settings, shutdown_grace_s=5):
+        rid = await client.invoke_tool(
+            "acme/tester", "tester", "echo", {"n": 3}, tenant_id="t7", user_id="u"
+        )
+        done = await client.wait(rid, timeout=60)
+        assert isinstance(done, TaskSucceeded), done

@@ -41,6 +41,30 @@ class Registry:
         )
         return text(value) if value else None
 
+    async def restore_if_lost(self) -> int:
+        """Refill an empty registry from the ``plugins`` read model; returns entries restored.
+
+        The hash is derived state: if Redis lost it (a flush, a new Redis without persistence),
+        the projection in Postgres still knows what is installed. ``HSETNX`` never overwrites an
+        entry that a concurrent install wrote meanwhile.
+        """
+        if await self._redis.exists(self._keys.installed):
+            return 0
+        rows = await self._db.fetch(
+            "SELECT tenant_id, plugin_id, identifier FROM plugins WHERE status = 'installed'"
+        )
+        if not rows:
+            return 0
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for row in rows:
+                pipe.hsetnx(
+                    self._keys.installed,
+                    installed_field(row["tenant_id"], row["plugin_id"]),
+                    row["identifier"],
+                )
+            await pipe.execute()
+        return len(rows)
+
     async def in_use(self, identifier: str) -> bool:
         """Whether any tenant still has ``identifier`` installed."""
         values: Any = await self._redis.hvals(self._keys.installed)
