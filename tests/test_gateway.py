@@ -136,3 +136,16 @@ async def test_events_of_a_finished_request_come_from_the_log(
     assert names[0] == "plugin.install_started" and names[-1] == "plugin.installed"
     assert names.count("plugin.installed") == 1 and len(set(ids)) == len(ids)
     assert "plugin.install_progress" in names
+
+
+async def test_multipart_upload_and_size_limit(http: httpx.AsyncClient, settings: Settings) -> None:
+    data = build_package(EXAMPLE_CALC)
+    uploaded = await http.post(
+        "/api/v1/packages", files={"file": ("calc.difypkg", data, "application/zip")}
+    )
+    assert uploaded.status_code == 201, uploaded.text
+    assert uploaded.json()["identifier"].startswith("acme/calc:")
+
+    too_big = await http.post("/api/v1/packages", content=b"x" * (settings.max_package_size + 1))
+    assert too_big.status_code == 413
+    assert too_big.json()["error"]["code"] == "payload_too_large"
