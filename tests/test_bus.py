@@ -202,3 +202,41 @@ async def test_a_restarted_consumer_runs_its_own_backlog_once(redis: Any, keys: 
         await anyio.sleep(0.3)
         consumer.stop()
     assert sorted(seen) == sorted(ids)
+
+
+async def test_a_backlog_entry_that_keeps_killing_its_node_is_dead_lettered(
+    redis: Any, keys: Keys
+) -> None:
+    await ensure_group(redis, keys.tasks, WORKERS_GROUP)
+    [poison] = await _fill(redis, keys.tasks, 1)
+    for _restart in range(3):  # read, then the node died before finishing, three times
+        await redis.xreadgroup(WORKERS_GROUP, "node-a", {keys.tasks: "0" if _restart else ">"})
+    ran: list[int] = []
+    dead: list[Delivery] = []
+
+    async def handler(delivery: Delivery) -> None:
+        ran.append(delivery.deliveries)
+
+    async def on_dead(delivery: Delivery) -> None:
+        dead.append(delivery)
+        await redis.xack(delivery.stream, WORKERS_GROUP, delivery.entry_id)
+
+    consumer = StreamConsumer(
+        redis,
+        stream=keys.tasks,
+        group=WORKERS_GROUP,
+        consumer="node-a",
+        handler=handler,
+        concurrency=2,
+        block_ms=50,
+        max_deliveries=3,
+        on_dead=on_dead,
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer.run)
+        with anyio.fail_after(5):
+            while not dead:
+                await anyio.sleep(0.01)
+        consumer.stop()
+    assert ran == []
+    assert dead[0].entry_id == poison and dead[0].deliveries == 3

@@ -146,13 +146,38 @@ class StreamConsumer:
             entries = _entries(reply)
             if start != ">" and not entries:
                 return  # our backlog is drained
+            counts: dict[str, int] = {}
             if start != ">":
+                counts = await self._delivery_counts(entries)
                 start = entries[-1][0]  # the backlog is read by id: move past what we have
             for entry_id, fields in entries:
                 if not fields:  # trimmed while pending: nothing left to run
                     await self._redis.xack(self.stream, self.group, entry_id)
                     continue
-                self.dispatch(tg, Delivery(self.stream, entry_id, fields, deliveries=1))
+                deliveries = counts.get(entry_id, 1)
+                if deliveries > self._max_deliveries and self._on_dead is not None:
+                    # our own backlog after a restart: an entry that keeps killing this node
+                    # must reach the dead letters too, not run again for ever
+                    self._in_flight.add(entry_id)
+                    tg.start_soon(
+                        self._run_dead, Delivery(self.stream, entry_id, fields, deliveries - 1)
+                    )
+                    continue
+                self.dispatch(tg, Delivery(self.stream, entry_id, fields, deliveries))
+
+    async def _delivery_counts(
+        self, entries: list[tuple[str, dict[bytes, bytes]]]
+    ) -> dict[str, int]:
+        """How often each of our pending ``entries`` was delivered, this read included."""
+        pending: list[dict[str, Any]] = await self._redis.xpending_range(
+            self.stream,
+            self.group,
+            min=entries[0][0],
+            max=entries[-1][0],
+            count=len(entries),
+            consumername=self.consumer,
+        )
+        return {text(p["message_id"]): int(p["times_delivered"]) for p in pending}
 
     def dispatch(self, tg: anyio.abc.TaskGroup, delivery: Delivery) -> None:
         """Run ``delivery`` in ``tg``, counting it against this consumer's slots."""
