@@ -26,6 +26,8 @@ pytest_plugins = ["e2e"]
 
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+# PLUGIND_TEST_EMBEDDED=1 skips the local services, to exercise the embedded fallback
+FORCE_EMBEDDED = os.environ.get("PLUGIND_TEST_EMBEDDED") == "1"
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -57,7 +59,7 @@ def redis_url(_embedded_root: Path) -> Iterator[str]:
     if explicit:
         yield explicit
         return
-    if _reachable("127.0.0.1", 6379):
+    if _reachable("127.0.0.1", 6379) and not FORCE_EMBEDDED:
         yield LOCAL_REDIS
         return
     from plugind.embedded import start_embedded_redis
@@ -76,7 +78,7 @@ def admin_database_url(_embedded_root: Path) -> Iterator[str]:
     if explicit:
         yield explicit
         return
-    if _reachable("127.0.0.1", 5432):
+    if _reachable("127.0.0.1", 5432) and not FORCE_EMBEDDED:
         yield LOCAL_POSTGRES
         return
     from plugind.embedded import start_embedded_postgres
