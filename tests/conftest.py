@@ -2,7 +2,8 @@
 
 Service choice, in order: ``PLUGIND_TEST_REDIS_URL`` / ``PLUGIND_TEST_DATABASE_URL``; the local
 Redis (127.0.0.1:6379) and PostgreSQL (127.0.0.1:5432, user postgres) when they answer; else the
-embedded Valkey and Postgres, started once per session under a temporary folder.
+embedded Valkey and Postgres, started once per session under a temporary folder
+(``PLUGIND_TEST_EMBEDDED=1`` forces those, to exercise that fallback).
 """
 
 from __future__ import annotations
