@@ -39,6 +39,7 @@ class Settings:
     max_package_size: int = 50 * 1024 * 1024
     max_result_size: int = 16 * 1024 * 1024
     plugin_instances: int = 1
+    plugin_memory_limit: int | None = None
     namespace: str = "plugind"
     max_deliveries: int = 5
     dedupe_ttl: int = 24 * 3600
@@ -135,6 +136,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         "PLUGIN_MAX_RESULT_SIZE",
         "max_result_size",
         lambda n, r: _int(n, r, low=1024, high=2**31),
+    )
+    take(
+        "PLUGIN_MEMORY_LIMIT",
+        "plugin_memory_limit",
+        lambda n, r: _int(n, r, low=16 * 1024 * 1024, high=2**40),
     )
     take("PLUGIN_INSTANCES", "plugin_instances", lambda n, r: _int(n, r, low=1, high=64))
     take("PLUGIND_NAMESPACE", "namespace", _namespace)

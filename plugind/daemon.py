@@ -96,6 +96,7 @@ class Daemon:
                 log.info("Applied database migrations: %s", ", ".join(applied))
             self.plugins = PluginPool(
                 instances=settings.plugin_instances,
+                memory_limit=settings.plugin_memory_limit,
                 base_env=_plugin_env(settings),
                 max_result_size=settings.max_result_size,
             )

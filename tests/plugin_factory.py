@@ -56,6 +56,18 @@ value = self.session.storage.get("answer")
 yield self.create_text_message(value.decode())
 """
 
+HOG = """\
+import subprocess, sys, time
+size = int(tool_parameters.get("mib", 400)) * 1024 * 1024
+if tool_parameters.get("in_child"):  # a child in the plugin's process group holds it
+    hold = f"import time; hog = b'x' * {size}; time.sleep(60)"
+    subprocess.Popen([sys.executable, "-c", hold])
+else:
+    hog = b"x" * size  # written, so resident
+time.sleep(float(tool_parameters.get("seconds", 30)))
+yield self.create_json_message({"held_mib": size >> 20})
+"""
+
 STANDARD_TOOLS = {
     "echo": ECHO,
     "raises": RAISES,

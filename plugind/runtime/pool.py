@@ -6,13 +6,15 @@ least loaded one, and if a slot is free another process is spawned for the reque
 (an SDK process is single-threaded under gevent, so one process is one core). A process that
 crashed is replaced on next use, after an exponential backoff (0.5 s doubling to 30 s, back to
 the start once a process has stayed up for a minute), so a plugin that dies at every request
-cannot turn the node into a fork loop.
+cannot turn the node into a fork loop. A process whose memory goes over its plugin's limit is
+killed and counts as a crash (see :mod:`plugind.runtime.memory`).
 
-No background task is involved: the pool acts inside its callers' tasks, and each process's
-reader is a thread owned by that process (see :mod:`plugind.runtime.process`). That is also
-why a start outlives the caller that began it: a process keeps starting after its first
-caller's deadline, and the next caller finds it ready. Bookkeeping (starts, crashes, backoff)
-is brought up to date whenever the pool looks at a slot. :meth:`PluginPool.aclose` stops all.
+No background task is involved: the pool acts inside its callers' tasks, each process's reader
+is a thread owned by that process (see :mod:`plugind.runtime.process`), and one memory watchdog
+thread runs while there are processes. That is also why a start outlives the caller that began
+it: a process keeps starting after its first caller's deadline, and the next caller finds it
+ready. Bookkeeping (starts, crashes, backoff) is brought up to date whenever the pool looks at a
+slot. :meth:`PluginPool.aclose` stops all.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import anyio
 
 from plugind.errors import PlugindError
 from plugind.runtime._slots import Group, Slot
+from plugind.runtime.memory import MemoryWatchdog, memory_limit
 from plugind.runtime.process import ChunkCallback, PluginProcess, PluginRequest
 
 log = logging.getLogger("plugind.runtime")
@@ -43,6 +46,8 @@ class ProcessStats(NamedTuple):
     in_flight: int
     uptime_s: float | None
     heartbeat_age_s: float | None
+    rss: int | None  # bytes, whole process group, last sample
+    memory_limit: int | None  # bytes
 
 
 class PluginStats(NamedTuple):
@@ -76,9 +81,13 @@ class PluginPool:
         backoff_max: float = 30.0,
         healthy_after: float = 60.0,
         kill_grace: float = 3.0,
+        memory_limit: int | None = None,
+        memory_interval: float = 0.5,
     ) -> None:
         if instances < 1:
             raise ValueError("instances must be at least 1")
+        if memory_limit is not None and memory_limit <= 0:
+            raise ValueError("memory_limit must be a positive number of bytes")
         self.instances = instances
         self.base_env = dict(base_env or {})
         self.ready_timeout = ready_timeout
@@ -87,7 +96,10 @@ class PluginPool:
         self.backoff_max = backoff_max
         self.healthy_after = healthy_after
         self.kill_grace = kill_grace
+        self.memory_limit = memory_limit  # default and cap of the manifests' resource.memory
         self._groups: dict[str, Group] = {}
+        self._limits: dict[str, int | None] = {}  # by identifier, read from the manifest once
+        self._watchdog = MemoryWatchdog(interval=memory_interval)
         self._closed = False
 
     # ------------------------------------------------------------------ public
@@ -136,6 +148,7 @@ class PluginPool:
     async def stop(self, identifier: str) -> None:
         """Stop every process of ``identifier`` (uninstall, upgrade)."""
         group = self._groups.pop(identifier, None)
+        self._limits.pop(identifier, None)
         if group is not None:
             await self._close_group(group)
 
@@ -148,6 +161,7 @@ class PluginPool:
             async with anyio.create_task_group() as tg:
                 for group in groups:
                     tg.start_soon(self._close_group, group)
+            await self._watchdog.aclose()
 
     def snapshot(self) -> PoolSnapshot:
         now = time.monotonic()
@@ -167,6 +181,8 @@ class PluginPool:
                         in_flight=proc.in_flight,
                         uptime_s=now - proc.started_at if proc.started_at and proc.alive else None,
                         heartbeat_age_s=now - proc.last_heartbeat if proc.last_heartbeat else None,
+                        rss=self._watchdog.rss(proc),
+                        memory_limit=self._limits.get(group.identifier),
                     )
                 )
             plugins.append(
@@ -195,6 +211,7 @@ class PluginPool:
             slots = [Slot(index=i) for i in range(self.instances)]
             group = Group(identifier, Path(workdir), Path(python), entrypoint, slots)
             self._groups[identifier] = group
+            self._limits[identifier] = memory_limit(identifier, Path(workdir), self.memory_limit)
         else:  # a rebuilt environment applies to processes started from now on
             group.workdir, group.python, group.entrypoint = Path(workdir), Path(python), entrypoint
         return group
@@ -283,6 +300,7 @@ class PluginPool:
             self._count_failure(slot, exc, time.monotonic())
             raise
         slot.process, slot.counted, slot.exit_recorded = proc, False, False
+        self._watchdog.watch(proc, self._limits.get(group.identifier, self.memory_limit))
         return proc
 
     async def _await_ready(

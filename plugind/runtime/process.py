@@ -85,6 +85,7 @@ class PluginProcess:
         self._exit: _Exit | None = None
         self._is_ready = False
         self._stopping = False
+        self._kill_reason: str | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -213,7 +214,7 @@ class PluginProcess:
         else:
             returncode = self._exit.returncode if self._exit else None
             when = "right after it was ready" if self._is_ready else "before it was ready"
-            what = f"{describe_exit(returncode)} {when}"
+            what = f"{self._ended(returncode)} {when}"
         return PlugindError("plugin_start_failed", f"{self.identifier} {what}{self._stderr_note()}")
 
     def no_heartbeat_error(self, ready_timeout: float) -> PlugindError:
@@ -339,8 +340,14 @@ class PluginProcess:
                         pipe.close()
 
     def kill(self, reason: str) -> None:
-        """SIGKILL the process group now, without waiting; :meth:`aclose` still cleans up."""
+        """SIGKILL the group now (from any thread); ``reason`` goes into the sessions' errors."""
+        self._kill_reason = reason
         self._signal_group(signal.SIGKILL, reason)
+
+    def _ended(self, returncode: int | None) -> str:
+        if self._kill_reason is not None and returncode == -signal.SIGKILL:
+            return f"was killed ({self._kill_reason})"
+        return describe_exit(returncode)
 
     def _signal_group(self, sig: signal.Signals, reason: str | None) -> None:
         if self._popen is None:
@@ -373,7 +380,7 @@ class PluginProcess:
     def _on_exit(self, returncode: int | None) -> None:
         self._exit = _Exit(returncode)
         self.exited_at = time.monotonic()
-        pid = self.pid
+        pid, ended = self.pid, self._ended(returncode)
         if self._stopping:
             log.info("Plugin process stopped: %s pid=%s", self.identifier, pid)
         else:
@@ -381,7 +388,7 @@ class PluginProcess:
                 "Plugin process exited: %s pid=%s %s%s%s",
                 self.identifier,
                 pid,
-                describe_exit(returncode),
+                ended,
                 "" if self._is_ready else " before it was ready",
                 self._stderr_note(),
             )
@@ -389,8 +396,7 @@ class PluginProcess:
             message = f"{self.identifier} was stopped (uninstall or shutdown) while the request ran"
         else:
             message = (
-                f"{self.identifier} (pid {pid}) {describe_exit(returncode)} while the "
-                f"request ran{self._stderr_note()}"
+                f"{self.identifier} (pid {pid}) {ended} while the request ran{self._stderr_note()}"
             )
         self._sessions.fail_all(lambda: PlugindError("plugin_crashed", message))
         assert self._ready is not None and self._exited is not None
