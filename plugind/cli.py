@@ -25,6 +25,7 @@ from plugind.cli_commands import (
     cmd_uninstall,
 )
 from plugind.cli_ops import cmd_audit, cmd_dlq
+from plugind.cli_projections import cmd_rebuild, cmd_replay
 from plugind.cli_support import CliError
 from plugind.config import ConfigError, load_settings
 
@@ -144,10 +145,29 @@ def _parser() -> argparse.ArgumentParser:
     p = add(
         "audit",
         cmd_audit,
-        "Check the event log's hash chain from genesis and the projector's head hash.",
+        "Check the event log's hash chain from genesis and the projector's head hash, and that "
+        "a rebuild from the log equals the live read models.",
         "plugind audit verify",
     )
     p.add_argument("check", choices=("verify",))
+
+    p = add(
+        "replay",
+        cmd_replay,
+        "Show the state (plugins, tasks) as it was at a point of the event log, from events alone.",
+        "plugind replay --until 2026-11-28T12:00:00Z",
+    )
+    p.add_argument("--until", help="a log position (digits) or an RFC 3339 time (default: now)")
+    p.add_argument("--json", action="store_true", help="the whole state as JSON")
+
+    p = add(
+        "projections",
+        cmd_rebuild,
+        "Rebuild the read models (plugins, tasks) from the event log, with progress.",
+        "plugind projections rebuild",
+    )
+    p.add_argument("action", choices=("rebuild",))
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     add(
         "status",

@@ -63,6 +63,11 @@ async def test_package_install_invoke_events_status(
     _, out, _ = await run_cli(settings, "audit", "verify")
     assert orjson.loads(out)["ok"] is True
 
+    _, out, _ = await run_cli(settings, "replay", "--json")
+    assert "acme/calc" in out
+    _, out, _ = await run_cli(settings, "projections", "rebuild", "--json")
+    assert orjson.loads(out)["events"] > 0
+
     _, out, _ = await run_cli(settings, "status")
     status = orjson.loads(out)
     tasks = status["streams"][daemon.keys.tasks]

@@ -27,6 +27,13 @@ from plugind.projections.queries import (
     query_events,
 )
 from plugind.projections.read_models import apply_event, apply_events, statement_for
+from plugind.projections.rebuild import (
+    Diff,
+    RebuildResult,
+    read_models_equal_rebuild,
+    rebuild_read_models,
+)
+from plugind.projections.replay import ReplayState, state_at
 from plugind.projections.stats import DurationStats, GroupStats, TaskStats, task_stats
 
 __all__ = [
@@ -34,6 +41,7 @@ __all__ = [
     "GENESIS",
     "ChainRow",
     "Checkpoint",
+    "Diff",
     "DurationStats",
     "EventPage",
     "EventRow",
@@ -41,6 +49,8 @@ __all__ = [
     "PluginRow",
     "ProjectionConflictError",
     "Projector",
+    "RebuildResult",
+    "ReplayState",
     "TaskRow",
     "TaskStats",
     "VerifyResult",
@@ -54,6 +64,9 @@ __all__ = [
     "migrate",
     "projector_lag",
     "query_events",
+    "read_models_equal_rebuild",
+    "rebuild_read_models",
+    "state_at",
     "statement_for",
     "task_stats",
     "verify_chain",
