@@ -247,3 +247,5 @@ async def test_install_from_inbox_and_hostile_packages(
         event = await client.wait(await client.send(command), timeout=60)
         assert isinstance(event, InstallFailed), (name, event)
         assert event.error.code == code, (name, event.error)
+        if name == "wrong-id":  # verified before it failed: the event names the plugin
+            assert event.plugin_id == "acme/calc"

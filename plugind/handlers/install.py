@@ -6,6 +6,7 @@ import binascii
 import logging
 import time
 from base64 import b64decode
+from collections.abc import Callable
 
 import anyio
 
@@ -42,9 +43,14 @@ async def handle_install(ctx: HandlerContext, delivery: Delivery, cmd: InstallCo
         )
 
     package: PluginPackage | None = None
+
+    def verified(found: PluginPackage) -> None:
+        nonlocal package  # so a later failure can still name the plugin
+        package = found
+
     try:
         with anyio.fail_after(ctx.settings.install_timeout):
-            package = await _install(ctx, cmd, progress)
+            await _install(ctx, cmd, progress, verified)
     except (PlugindError, TimeoutError) as exc:
         error = (
             exc
@@ -108,13 +114,19 @@ async def handle_install(ctx: HandlerContext, delivery: Delivery, cmd: InstallCo
         await ctx.plugins.stop(upgraded_from)
 
 
-async def _install(ctx: HandlerContext, cmd: InstallCommand, progress: Progress) -> PluginPackage:
+async def _install(
+    ctx: HandlerContext,
+    cmd: InstallCommand,
+    progress: Progress,
+    verified: Callable[[PluginPackage], None],
+) -> None:
     settings = ctx.settings
     data = await _fetch(ctx, cmd.package)
     await progress("verify", f"verifying {len(data)} bytes")
     package = await anyio.to_thread.run_sync(
         lambda: read_package(data, max_size=settings.max_package_size)
     )
+    verified(package)
     if cmd.expected_identifier is not None and cmd.expected_identifier != package.identifier:
         raise PlugindError(
             "checksum_mismatch",
@@ -129,7 +141,6 @@ async def _install(ctx: HandlerContext, cmd: InstallCommand, progress: Progress)
     except PlugindError:
         ctx.local.forget(package.identifier)
         raise
-    return package
 
 
 async def _fetch(ctx: HandlerContext, ref: PackageRef) -> bytes:
