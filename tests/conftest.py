@@ -141,3 +141,25 @@ async def redis(redis_url: str, keys: Keys) -> AsyncIterator[aioredis.Redis]:
         if batch:
             await client.delete(*batch)
         await client.aclose()
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A connection pool on this test's database, migrated."""
+    from plugind.projections.migrate import migrate
+
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=6)
+    async with pool.acquire() as conn:
+        await migrate(conn)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def projector(redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys) -> AsyncIterator[Any]:
+    """A projector on this test's namespace and database (tests drive it with ``run_once``)."""
+    from plugind.projections.projector import Projector
+
+    p = Projector(redis, pool, keys, "node-a", block_ms=50)
+    yield p
+    await p.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -32,31 +31,12 @@ from plugind.messages import (
 )
 from plugind.projections.hashchain import verify_event_log
 from plugind.projections.lag import projector_lag
-from plugind.projections.migrate import migrate
 from plugind.projections.projector import Projector
 from plugind.projections.queries import get_checkpoint, get_task, list_plugins
 
 pytestmark = pytest.mark.anyio
 ev = EventFactory("test-node")
 T = "t1"
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=6)
-    async with pool.acquire() as conn:
-        await migrate(conn)
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture
-async def projector(
-    redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys
-) -> AsyncIterator[Projector]:
-    p = Projector(redis, pool, keys, "node-a", block_ms=50)
-    yield p
-    await p.close()
 
 
 async def publish(redis: aioredis.Redis, keys: Keys, *events: Event | bytes) -> list[str]:

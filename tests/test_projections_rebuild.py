@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -26,30 +25,11 @@ from plugind.cli_ops import cmd_audit
 from plugind.cli_projections import cmd_rebuild, cmd_replay
 from plugind.cli_support import CliError
 from plugind.config import Settings
-from plugind.projections.migrate import migrate
 from plugind.projections.projector import Projector
 from plugind.projections.queries import get_task
 from plugind.projections.rebuild import read_models_equal_rebuild, rebuild_read_models
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=6)
-    async with pool.acquire() as conn:
-        await migrate(conn)
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture
-async def projector(
-    redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys
-) -> AsyncIterator[Projector]:
-    p = Projector(redis, pool, keys, "node-a", block_ms=50)
-    yield p
-    await p.close()
 
 
 @pytest.fixture

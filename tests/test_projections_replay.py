@@ -6,7 +6,6 @@ the state at a position or a time recomputed from ``event_log`` alone.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -35,7 +34,6 @@ from plugind.messages import (
     Uninstalled,
     encode,
 )
-from plugind.projections.migrate import migrate
 from plugind.projections.projector import Projector
 from plugind.projections.queries import get_task, list_plugins, rfc3339
 from plugind.projections.read_models import apply_event
@@ -46,24 +44,6 @@ ev = EventFactory("test-node")
 T1, T2 = "t1", "t2"
 # Well before "now", so the garbage entry (timed by its stream id, i.e. now) comes after them all.
 BASE = datetime(2020, 1, 1, tzinfo=UTC)
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=6)
-    async with pool.acquire() as conn:
-        await migrate(conn)
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture
-async def projector(
-    redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys
-) -> AsyncIterator[Projector]:
-    p = Projector(redis, pool, keys, "node-a", block_ms=50)
-    yield p
-    await p.close()
 
 
 @dataclass(frozen=True)
