@@ -44,6 +44,7 @@ class Settings:
     max_deliveries: int = 5
     dedupe_ttl: int = 24 * 3600
     reclaim_grace: float = 30.0
+    connect_timeout: float = 30.0
     stream_retention: float = 3600.0
     http_port: int = 5002
     gateway_port: int = 5003
@@ -155,6 +156,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         "PLUGIND_STREAM_RETENTION",
         "stream_retention",
         lambda n, r: _float(n, r, low=0, high=90 * 86_400),
+    )
+    take(
+        "PLUGIND_CONNECT_TIMEOUT",
+        "connect_timeout",
+        lambda n, r: _float(n, r, low=0, high=3600),
     )
     take("PLUGIND_HTTP_PORT", "http_port", lambda n, r: _int(n, r, low=0, high=65_535))
     take("PLUGIND_GATEWAY_PORT", "gateway_port", lambda n, r: _int(n, r, low=0, high=65_535))

@@ -10,10 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import asyncpg
@@ -38,6 +38,8 @@ from plugind.projections.projector import Projector
 from plugind.runtime.pool import PluginPool
 
 log = logging.getLogger("plugind")
+
+T = TypeVar("T")
 
 ALL_ROLES = ("worker", "projector", "api", "gateway")
 MIN_REDIS = (6, 2)
@@ -86,9 +88,9 @@ class Daemon:
                 raise ConfigError(f"--role: unknown role {role!r} (roles: {', '.join(ALL_ROLES)})")
         async with contextlib.AsyncExitStack() as stack:
             redis_url, database_url = await self._service_urls(stack)
-            self.redis = await _connect_redis(redis_url)
+            self.redis = await _connect_redis(redis_url, settings.connect_timeout)
             stack.push_async_callback(self.redis.aclose)
-            self.db = await _connect_postgres(database_url)
+            self.db = await _connect_postgres(database_url, settings.connect_timeout)
             stack.push_async_callback(self.db.close)
             async with self.db.acquire() as conn:
                 applied = await migrate(conn)
@@ -97,7 +99,6 @@ class Daemon:
             self.plugins = PluginPool(
                 instances=settings.plugin_instances,
                 memory_limit=settings.plugin_memory_limit,
-                base_env=_plugin_env(settings),
                 max_result_size=settings.max_result_size,
             )
             stack.push_async_callback(_shielded, self.plugins.aclose)
@@ -281,39 +282,51 @@ async def _shielded(close: Any) -> None:
         await close()
 
 
-async def _connect_redis(url: str) -> aioredis.Redis:
-    client: aioredis.Redis = aioredis.Redis.from_url(
-        url, health_check_interval=30, socket_keepalive=True
-    )
-    try:
-        info: dict[str, Any] = await client.info("server")
-    except Exception as exc:
-        await client.aclose()
-        raise ConfigError(f"REDIS_URL: cannot connect to {mask_url(url)}: {exc}") from exc
-    version = str(info.get("redis_version", "0"))
-    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
-    if parts < MIN_REDIS:
-        await client.aclose()
-        raise ConfigError(f"REDIS_URL: Redis {version} is too old; plugind needs Redis >= 6.2")
-    log.info("Connected to Redis at %s (version %s)", mask_url(url), version)
-    return client
+async def _until_up(what: str, url: str, timeout: float, connect: Callable[[], Awaitable[T]]) -> T:
+    """``connect()`` until it works or ``timeout`` runs out: services may start after us."""
+    deadline = anyio.current_time() + timeout
+    delay = 0.5
+    while True:
+        try:
+            return await connect()
+        except ConfigError:
+            raise
+        except Exception as exc:
+            if anyio.current_time() + delay > deadline:
+                raise ConfigError(f"{what}: cannot connect to {mask_url(url)}: {exc}") from exc
+            log.warning("Waiting for %s at %s: %s", what, mask_url(url), exc)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
-async def _connect_postgres(url: str) -> asyncpg.Pool:
-    try:
+async def _connect_redis(url: str, timeout: float) -> aioredis.Redis:
+    async def connect() -> aioredis.Redis:
+        client: aioredis.Redis = aioredis.Redis.from_url(
+            url, health_check_interval=30, socket_keepalive=True
+        )
+        try:
+            info: dict[str, Any] = await client.info("server")
+        except BaseException:
+            await client.aclose()
+            raise
+        version = str(info.get("redis_version", "0"))
+        parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+        if parts < MIN_REDIS:
+            await client.aclose()
+            raise ConfigError(f"REDIS_URL: Redis {version} is too old; plugind needs Redis >= 6.2")
+        log.info("Connected to Redis at %s (version %s)", mask_url(url), version)
+        return client
+
+    return await _until_up("REDIS_URL", url, timeout, connect)
+
+
+async def _connect_postgres(url: str, timeout: float) -> asyncpg.Pool:
+    async def connect() -> asyncpg.Pool:
         pool = await asyncpg.create_pool(url, min_size=1, max_size=10, timeout=10)
-    except Exception as exc:
-        raise ConfigError(f"DATABASE_URL: cannot connect to {mask_url(url)}: {exc}") from exc
-    log.info("Database connection established: %s", mask_url(url))
-    return pool
+        log.info("Database connection established: %s", mask_url(url))
+        return pool
 
-
-def _plugin_env(settings: Settings) -> dict[str, str]:
-    """What plugins may see beyond the scrubbed basics: where to call Dify back, nothing secret."""
-    env: dict[str, str] = {}
-    if settings.dify_api_url:
-        env["DIFY_INNER_API_URL"] = settings.dify_api_url
-    return env
+    return await _until_up("DATABASE_URL", url, timeout, connect)
 
 
 @contextlib.asynccontextmanager

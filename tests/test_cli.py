@@ -88,3 +88,19 @@ async def test_usage_errors_exit_2(settings: Settings, tmp_path: Path) -> None:
     )
     assert env_code.returncode == 2
     assert b"PLUGIN_WORKER_COUNT must be an integer" in env_code.stderr
+
+
+async def test_serve_gives_up_on_an_unreachable_redis_with_one_clear_line() -> None:
+    result = await anyio.run_process(
+        [sys.executable, "-m", "plugind.cli", "serve"],
+        env=dict(
+            os.environ,
+            REDIS_URL="redis://127.0.0.1:1/0",
+            DATABASE_URL="postgresql://u:secret@127.0.0.1:1/x",
+            PLUGIND_CONNECT_TIMEOUT="1",
+        ),
+        check=False,
+    )
+    assert result.returncode == 1
+    last = result.stderr.decode().strip().splitlines()[-1]
+    assert last.startswith("plugind: REDIS_URL: cannot connect to redis://127.0.0.1:1/0")
