@@ -114,7 +114,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--user", default="cli", help="user_id passed to the plugin (default: cli)")
     p.add_argument("--credential", action="append", default=[], metavar="key=value")
     p.add_argument("--task-timeout", type=float, help="timeout_s of the task")
-    p.add_argument("--json", action="store_true", help="print the terminal event as JSON")
     _common_publish(p)
 
     p = add(
@@ -185,6 +184,7 @@ def _common_publish(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--timeout", type=float, default=120.0, help="seconds --wait waits (default 120)"
     )
+    p.add_argument("--json", action="store_true", help="with --wait: the terminal event as JSON")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

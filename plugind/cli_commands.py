@@ -23,7 +23,18 @@ from plugind.cli_support import (
 from plugind.client import Client, WaitTimeout
 from plugind.config import Settings
 from plugind.logs import setup_logging
-from plugind.messages import decode_event, encode
+from plugind.messages import (
+    AnyEvent,
+    InstallProgress,
+    InstallStarted,
+    PackageRef,
+    TaskStarted,
+    decode_event,
+    encode,
+)
+
+# Packages larger than this go through the package store (when the CLI can reach Postgres).
+INLINE_PACKAGE_LIMIT = 1024 * 1024
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:
@@ -77,13 +88,23 @@ async def _finish(client: Client, request_id: str, args: argparse.Namespace) -> 
         print(request_id)
         return 0
     try:
-        event = await client.wait(request_id, timeout=args.timeout)
+        event = await client.wait(request_id, timeout=args.timeout, on_event=_show_progress)
     except WaitTimeout as exc:
         raise CliError(
             f"{exc}; it may still finish (see `plugind events --request {request_id}`)"
         ) from None
     print_event(event, as_json=getattr(args, "json", False))
     return 1 if failed(event) else 0
+
+
+def _show_progress(event: AnyEvent) -> None:
+    """Long work shows where it is on a terminal, and stays quiet when piped."""
+    if not sys.stderr.isatty():
+        return
+    if isinstance(event, InstallProgress):
+        print(f"  {event.step}: {event.message}", file=sys.stderr, flush=True)
+    elif isinstance(event, InstallStarted | TaskStarted):
+        print(f"  {event.__struct_config__.tag}", file=sys.stderr, flush=True)
 
 
 def _client(settings: Settings) -> Client:
@@ -96,9 +117,37 @@ async def cmd_install(args: argparse.Namespace) -> int:
     path = anyio.Path(args.file)
     if not await path.is_file():
         raise CliError(f"no such file: {args.file}", exit_code=2)
+    data = await path.read_bytes()
+    package: bytes | PackageRef = data
+    _redis_url, database_url = service_urls(settings)
+    if len(data) > INLINE_PACKAGE_LIMIT and database_url is not None:
+        package = await _through_the_store(data, database_url, settings)
     async with _client(settings) as client:
-        rid = await client.install(args.file, tenant_id=args.tenant, request_id=args.request_id)
+        rid = await client.install(package, tenant_id=args.tenant, request_id=args.request_id)
         return await _finish(client, rid, args)
+
+
+async def _through_the_store(data: bytes, database_url: str, settings: Settings) -> PackageRef:
+    """Put a large package in the package store so the command carries only its sha256.
+
+    Inline, a 50 MiB package would sit base64-encoded in the install stream until trimmed.
+    """
+    from plugind.errors import PlugindError
+    from plugind.runtime.package import read_package
+    from plugind.runtime.package_store import store_package
+
+    try:
+        package = await anyio.to_thread.run_sync(
+            lambda: read_package(data, max_size=settings.max_package_size)
+        )
+    except PlugindError as exc:
+        raise CliError(f"{exc.code}: {exc.message}") from exc
+    conn = await asyncpg.connect(database_url)
+    try:
+        await store_package(conn, package)
+    finally:
+        await conn.close()
+    return PackageRef(sha256=package.sha256)
 
 
 async def cmd_uninstall(args: argparse.Namespace) -> int:

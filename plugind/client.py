@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -158,8 +159,17 @@ class Client:
 
     # -- waiting ------------------------------------------------------------------------------
 
-    async def wait(self, request_id: str, timeout: float = 60.0) -> AnyEvent:
-        """The request's terminal event; raises :class:`WaitTimeout` if it has not come in time."""
+    async def wait(
+        self,
+        request_id: str,
+        timeout: float = 60.0,
+        *,
+        on_event: Callable[[AnyEvent], None] | None = None,
+    ) -> AnyEvent:
+        """The request's terminal event; raises :class:`WaitTimeout` if it has not come in time.
+
+        ``on_event`` sees the request's other events (started, progress) as they come.
+        """
         deadline = time.monotonic() + timeout
         found = await self._from_marker(request_id)
         if found is not None:
@@ -179,9 +189,13 @@ class Client:
                     if raw is None or request_id.encode() not in raw:
                         continue  # cheap filter before decoding
                     event = decode_event(raw)
-                    if event.request_id == request_id and is_terminal(event):
+                    if event.request_id != request_id:
+                        continue
+                    if is_terminal(event):
                         self._cursors.pop(request_id, None)
                         return event
+                    if on_event is not None:
+                        on_event(event)
             if not reply:
                 found = await self._from_marker(request_id)
                 if found is not None:

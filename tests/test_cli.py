@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import orjson
 import pytest
 from e2e import EXAMPLE_CALC, eventually, run_cli
+from plugin_factory import ECHO, package_bytes, write_plugin
 
 from plugind.config import Settings
 from plugind.daemon import Daemon
@@ -104,3 +106,23 @@ async def test_serve_gives_up_on_an_unreachable_redis_with_one_clear_line() -> N
     assert result.returncode == 1
     last = result.stderr.decode().strip().splitlines()[-1]
     assert last.startswith("plugind: REDIS_URL: cannot connect to redis://127.0.0.1:1/0")
+
+
+async def test_a_large_package_travels_through_the_store(
+    daemon: Daemon, settings: Settings, tmp_path: Path, client: Any
+) -> None:
+    folder = write_plugin(tmp_path / "big", name="big", tools={"echo": ECHO})
+    (folder / "_assets" / "noise.bin").write_bytes(os.urandom(1536 * 1024))  # incompressible
+    target = tmp_path / "big.difypkg"
+    target.write_bytes(package_bytes(folder))
+    _, out, _ = await run_cli(settings, "install", str(target), "--wait", "--json")
+    installed = orjson.loads(out)
+    assert installed["type"] == "plugin.installed", installed
+    [started] = [
+        e
+        for e in await client.events_of(installed["request_id"])
+        if e.__struct_config__.tag == "plugin.install_started"
+    ]
+    assert started.source.startswith("sha256:")
+    entries = await client.redis.xrange(daemon.keys.install)
+    assert all(len(fields[b"cmd"]) < 4096 for _id, fields in entries)
