@@ -55,6 +55,8 @@ class Settings:
     plugin_python: str | None = None
     plugin_pip_index_url: str | None = None
     plugin_offline: bool = False
+    verify_signature: bool = False
+    signature_public_keys: tuple[Path, ...] = ()
     node: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     @property
@@ -175,10 +177,24 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         lambda n, r: _url(n, r, ("http", "https", "file")),
     )
     take("PLUGIN_OFFLINE", "plugin_offline", _bool)
+    take("PLUGIN_VERIFY_SIGNATURE", "verify_signature", _bool)
+    take("PLUGIN_SIGNATURE_PUBLIC_KEYS", "signature_public_keys", _paths)
     take("PLUGIND_NODE", "node", lambda n, r: r)
+    if values.get("verify_signature") and not values.get("signature_public_keys"):
+        raise ConfigError(
+            "PLUGIN_VERIFY_SIGNATURE is on but PLUGIN_SIGNATURE_PUBLIC_KEYS names no key"
+        )
     if "plugin_dir" not in values and "embedded_dir" in values:
         values["plugin_dir"] = Path(str(values["embedded_dir"])) / "plugins"
     return Settings(**values)  # type: ignore[arg-type]
+
+
+def _paths(name: str, raw: str) -> tuple[Path, ...]:
+    paths = tuple(Path(p.strip()) for p in raw.split(",") if p.strip())
+    for path in paths:
+        if not path.is_file():
+            raise ConfigError(f"{name}: no such file {str(path)!r}")
+    return paths
 
 
 def _namespace(name: str, raw: str) -> str:

@@ -46,6 +46,8 @@ def test_values_are_parsed() -> None:
         ("LOG_LEVEL", "LOUD", "LOG_LEVEL must be one of"),
         ("PLUGIN_OFFLINE", "maybe", "PLUGIN_OFFLINE must be true or false"),
         ("PLUGIND_NAMESPACE", "{bad}", "PLUGIND_NAMESPACE must be"),
+        ("PLUGIN_VERIFY_SIGNATURE", "true", "PLUGIN_SIGNATURE_PUBLIC_KEYS names no key"),
+        ("PLUGIN_SIGNATURE_PUBLIC_KEYS", "/no/such/key.pem", "no such file"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str, says: str) -> None:
