@@ -36,6 +36,7 @@ from plugind.messages import EventFactory
 from plugind.projections.migrate import migrate
 from plugind.projections.projector import Projector
 from plugind.runtime.pool import PluginPool
+from plugind.runtime.signature import load_public_keys
 
 log = logging.getLogger("plugind")
 
@@ -213,6 +214,9 @@ class Daemon:
         settings, keys = self.settings, self.keys
         assert self.redis is not None and self.db is not None and self.plugins is not None
         emitter = Emitter(self.redis, keys, dedupe_ttl=settings.dedupe_ttl)
+        signature_keys: tuple[bytes, ...] = ()
+        if settings.verify_signature:
+            signature_keys = tuple(load_public_keys(settings.signature_public_keys))
         return HandlerContext(
             settings=settings,
             redis=self.redis,
@@ -223,6 +227,7 @@ class Daemon:
             registry=Registry(self.redis, keys, self.db, emitter.pipeline),
             local=LocalPlugins(settings, self.db),
             plugins=self.plugins,
+            signature_keys=signature_keys,
         )
 
     async def _serve(self, tg: TaskGroup, role: str, app: ASGIApp, port: int) -> _Server:

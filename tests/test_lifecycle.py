@@ -147,3 +147,36 @@ async def test_packages_that_cannot_run_fail_to_install_with_the_reason(
     assert "echo.py" in failures["nosrc"].message
     assert failures["baddeps"].code == "dependency_install_failed"
     assert "plugind-no-such-package-anywhere" in failures["baddeps"].message
+
+
+async def test_with_verification_on_only_signed_packages_install(
+    settings: Settings, redis: Any, versions: dict[str, bytes], tmp_path: Path
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from plugind.runtime.signature import sign_package
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = tmp_path / "publisher.pem"
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    strict = replace(settings, verify_signature=True, signature_public_keys=(public,))
+    async with running_daemon(strict, shutdown_grace_s=5) as daemon:
+        client = Client(redis, daemon.keys)
+        unsigned = await client.wait(await client.install(versions["0.1.0"]), 60)
+        assert isinstance(unsigned, InstallFailed), unsigned
+        assert unsigned.error.code == "signature_invalid"
+        assert unsigned.plugin_id == "acme/cycle"
+
+        signed = sign_package(versions["0.1.0"], private)
+        installed = await client.wait(await client.install(signed), 300)
+        assert isinstance(installed, Installed), installed

@@ -27,3 +27,4 @@ class HandlerContext:
     registry: Registry
     local: LocalPlugins
     plugins: PluginPool
+    signature_keys: tuple[bytes, ...] = ()  # PEM public keys; checked when verify_signature is on

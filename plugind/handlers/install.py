@@ -25,6 +25,7 @@ from plugind.messages import (
 )
 from plugind.runtime.package import PluginPackage, read_package
 from plugind.runtime.package_store import get_package, store_package
+from plugind.runtime.signature import verify_signature
 
 log = logging.getLogger("plugind.install")
 
@@ -127,6 +128,9 @@ async def _install(
         lambda: read_package(data, max_size=settings.max_package_size)
     )
     verified(package)
+    if settings.verify_signature:
+        signed = await anyio.to_thread.run_sync(lambda: verify_signature(data, ctx.signature_keys))
+        await progress("verify", f"signature verified (signed at {signed.signed_at})")
     if cmd.expected_identifier is not None and cmd.expected_identifier != package.identifier:
         raise PlugindError(
             "checksum_mismatch",
