@@ -77,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-o", "--output", type=Path, help="output file (default: <name>-<version>.difypkg)"
     )
+    p.add_argument(
+        "--sign",
+        type=Path,
+        metavar="PRIVATE_KEY",
+        help="sign the package the way Dify does, with this RSA private key (PEM)",
+    )
 
     p = add(
         "install",

@@ -76,6 +76,14 @@ async def cmd_package(args: argparse.Namespace) -> int:
         package = read_package(data, max_size=settings.max_package_size)
     except PlugindError as exc:
         raise CliError(f"{exc.code}: {exc.message}") from exc
+    if args.sign is not None:
+        from plugind.runtime.signature import sign_package
+
+        try:
+            key = await anyio.Path(args.sign).read_bytes()
+            data = sign_package(data, key)
+        except (OSError, ValueError) as exc:
+            raise CliError(f"--sign {args.sign}: {exc}", exit_code=2) from exc
     output = args.output or args.dir.parent / f"{package.name}-{package.version}.difypkg"
     await anyio.Path(output).write_bytes(data)
     print(package.identifier)
