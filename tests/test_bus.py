@@ -15,6 +15,22 @@ from plugind.messages import EventFactory, TaskResult, TaskSucceeded, decode_eve
 pytestmark = pytest.mark.anyio
 
 
+def _consumer(redis: Any, keys: Keys, name: str, handler: Any, **options: Any) -> StreamConsumer:
+    return StreamConsumer(
+        redis, stream=keys.tasks, group=WORKERS_GROUP, consumer=name, handler=handler, **options
+    )
+
+
+async def _run_while(consumer: StreamConsumer, busy: Any, *, timeout: float) -> None:
+    """Run ``consumer`` until ``busy()`` turns false, then stop it."""
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer.run)
+        with anyio.fail_after(timeout):
+            while busy():
+                await anyio.sleep(0.01)
+        consumer.stop()
+
+
 async def _fill(redis: Any, stream: str, n: int) -> list[str]:
     return [(await redis.xadd(stream, {"cmd": f'{{"n": {i}}}'})).decode() for i in range(n)]
 
@@ -34,21 +50,8 @@ async def test_consumer_runs_every_entry_within_its_concurrency(redis: Any, keys
         seen.append(delivery.entry_id)
         await redis.xack(delivery.stream, WORKERS_GROUP, delivery.entry_id)
 
-    consumer = StreamConsumer(
-        redis,
-        stream=keys.tasks,
-        group=WORKERS_GROUP,
-        consumer="c1",
-        handler=handler,
-        concurrency=3,
-        block_ms=100,
-    )
-    async with anyio.create_task_group() as tg:
-        await tg.start(consumer.run)
-        with anyio.fail_after(10):
-            while len(seen) < 20:
-                await anyio.sleep(0.01)
-        consumer.stop()
+    consumer = _consumer(redis, keys, "c1", handler, concurrency=3, block_ms=100)
+    await _run_while(consumer, lambda: len(seen) < 20, timeout=10)
     assert sorted(seen) == sorted(ids)
     assert peak == 3
     assert (await redis.xpending(keys.tasks, WORKERS_GROUP))["pending"] == 0
@@ -75,24 +78,18 @@ async def test_entries_of_a_dead_consumer_are_reclaimed_then_dead_lettered(
         dead.append(delivery)
         await redis.xack(delivery.stream, WORKERS_GROUP, delivery.entry_id)
 
-    consumer = StreamConsumer(
+    consumer = _consumer(
         redis,
-        stream=keys.tasks,
-        group=WORKERS_GROUP,
-        consumer="c2",
-        handler=handler,
+        keys,
+        "c2",
+        handler,
         concurrency=2,
         block_ms=50,
         reclaim_idle_s=0.2,
         max_deliveries=3,
         on_dead=on_dead,
     )
-    async with anyio.create_task_group() as tg:
-        await tg.start(consumer.run)
-        with anyio.fail_after(15):
-            while not dead:
-                await anyio.sleep(0.02)
-        consumer.stop()
+    await _run_while(consumer, lambda: not dead, timeout=15)
     assert (ok_id, 2) in handled  # the second delivery, taken over from the dead node
     assert [d for _id, d in handled if _id == poison_id] == [2, 3]
     assert dead[0].entry_id == poison_id and dead[0].deliveries == 3
@@ -185,15 +182,7 @@ async def test_a_restarted_consumer_runs_its_own_backlog_once(redis: Any, keys: 
         seen.append(delivery.entry_id)
         await redis.xack(delivery.stream, WORKERS_GROUP, delivery.entry_id)
 
-    consumer = StreamConsumer(
-        redis,
-        stream=keys.tasks,
-        group=WORKERS_GROUP,
-        consumer="same-name",
-        handler=handler,
-        concurrency=2,
-        block_ms=50,
-    )
+    consumer = _consumer(redis, keys, "same-name", handler, concurrency=2, block_ms=50)
     async with anyio.create_task_group() as tg:
         await tg.start(consumer.run)
         with anyio.fail_after(10):
@@ -221,22 +210,16 @@ async def test_a_backlog_entry_that_keeps_killing_its_node_is_dead_lettered(
         dead.append(delivery)
         await redis.xack(delivery.stream, WORKERS_GROUP, delivery.entry_id)
 
-    consumer = StreamConsumer(
+    consumer = _consumer(
         redis,
-        stream=keys.tasks,
-        group=WORKERS_GROUP,
-        consumer="node-a",
-        handler=handler,
+        keys,
+        "node-a",
+        handler,
         concurrency=2,
         block_ms=50,
         max_deliveries=3,
         on_dead=on_dead,
     )
-    async with anyio.create_task_group() as tg:
-        await tg.start(consumer.run)
-        with anyio.fail_after(5):
-            while not dead:
-                await anyio.sleep(0.01)
-        consumer.stop()
+    await _run_while(consumer, lambda: not dead, timeout=5)
     assert ran == []
     assert dead[0].entry_id == poison and dead[0].deliveries == 3
