@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import textwrap
 from pathlib import Path
+from typing import NamedTuple
 
 from plugind.runtime.package import build_package
 
@@ -82,6 +83,15 @@ ICON = (
     '<svg xmlns="http://www.w3.org/2000/svg" width="16" height="16">'
     '<rect width="16" height="16" fill="#888"/></svg>\n'
 )
+
+
+class Plugin(NamedTuple):
+    """A plugin ready to run: what the pool needs to start it."""
+
+    identifier: str
+    workdir: Path
+    python: Path
+    entrypoint: str = "main"
 
 
 def _camel(name: str) -> str:

@@ -13,12 +13,12 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import anyio
 import psutil  # type: ignore[import-untyped]
 import pytest
-from plugin_factory import ECHO, HOG, SLEEP, write_plugin
+from plugin_factory import ECHO, HOG, SLEEP, Plugin, write_plugin
 
 from plugind.errors import PlugindError
 from plugind.runtime.environment import ensure_environment
@@ -28,13 +28,6 @@ from plugind.runtime.pool import PluginPool
 from plugind.runtime.process import PluginRequest
 
 LIMIT = 200 * MIB
-
-
-class Plugin(NamedTuple):
-    identifier: str
-    workdir: Path
-    python: Path
-    entrypoint: str = "main"
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,11 @@ import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import anyio
 import pytest
-from plugin_factory import is_running, write_plugin
+from plugin_factory import Plugin, is_running, write_plugin
 
 from plugind.errors import PlugindError
 from plugind.runtime.environment import ensure_environment
@@ -27,13 +27,6 @@ from plugind.runtime.pool import PluginPool
 from plugind.runtime.process import PluginProcess, PluginRequest
 
 CALC = Path(__file__).resolve().parent.parent / "examples" / "plugins" / "calc"
-
-
-class Plugin(NamedTuple):
-    identifier: str
-    workdir: Path
-    python: Path
-    entrypoint: str = "main"
 
 
 @pytest.fixture(scope="module")
