@@ -34,7 +34,7 @@ from plugind.bus.codec import EVENT_FIELD, text
 from plugind.bus.keys import Keys
 from plugind.client import Client, new_request_id
 from plugind.messages import TERMINAL_EVENT_TYPES, TaskCommand, decode_event
-from plugind.runtime.package import build_package
+from plugind.package.difypkg import build_package
 
 REPO = Path(__file__).resolve().parent.parent
 TERMINAL_TASK = {t for t in TERMINAL_EVENT_TYPES if t.startswith("task.")}

@@ -30,13 +30,13 @@ from plugind.bus.retention import run_retention
 from plugind.config import ConfigError, Settings, mask_url
 from plugind.handlers.context import HandlerContext
 from plugind.handlers.dispatch import Dispatcher
-from plugind.handlers.local_plugins import LocalPlugins
-from plugind.handlers.registry import Registry
+from plugind.installed.local_plugins import LocalPlugins
+from plugind.installed.registry import Registry
 from plugind.messages import EventFactory
+from plugind.package.signature import load_public_keys
 from plugind.projections.migrate import migrate
 from plugind.projections.projector import Projector
 from plugind.runtime.pool import PluginPool
-from plugind.runtime.signature import load_public_keys
 
 log = logging.getLogger("plugind")
 

@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 from typing import NamedTuple
 
-from plugind.runtime.package import build_package
+from plugind.package.difypkg import build_package
 
 SDK_REQUIREMENT = "dify-plugin==0.10.2"
 

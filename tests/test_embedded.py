@@ -27,7 +27,7 @@ from plugind.embedded import (
     start_embedded_postgres,
     start_embedded_redis,
 )
-from plugind.embedded_proc import processes_in
+from plugind.embedded.process import processes_in
 
 
 @pytest.fixture

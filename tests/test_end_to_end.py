@@ -25,7 +25,7 @@ from plugind.messages import (
     TaskTimedOut,
     decode_event,
 )
-from plugind.runtime.package import build_package
+from plugind.package.difypkg import build_package
 
 pytestmark = pytest.mark.anyio
 

@@ -12,7 +12,7 @@ from e2e import EXAMPLE_CALC, eventually
 
 from plugind.config import Settings
 from plugind.daemon import Daemon
-from plugind.runtime.package import build_package
+from plugind.package.difypkg import build_package
 
 pytestmark = pytest.mark.anyio
 

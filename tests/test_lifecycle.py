@@ -155,7 +155,7 @@ async def test_with_verification_on_only_signed_packages_install(
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from plugind.runtime.signature import sign_package
+    from plugind.package.signature import sign_package
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     public = tmp_path / "publisher.pem"

@@ -21,9 +21,9 @@ from test_projections_replay import (
 )
 
 from plugind.bus.keys import Keys
-from plugind.cli_ops import cmd_audit
-from plugind.cli_projections import cmd_rebuild, cmd_replay
-from plugind.cli_support import CliError
+from plugind.cli.ops import cmd_audit
+from plugind.cli.projections import cmd_rebuild, cmd_replay
+from plugind.cli.support import CliError
 from plugind.config import Settings
 from plugind.projections.projector import Projector
 from plugind.projections.queries import get_task

@@ -10,8 +10,8 @@ import redis.asyncio as aioredis
 from plugind.bus.emit import Emitter
 from plugind.bus.keys import Keys
 from plugind.config import Settings
-from plugind.handlers.local_plugins import LocalPlugins
-from plugind.handlers.registry import Registry
+from plugind.installed.local_plugins import LocalPlugins
+from plugind.installed.registry import Registry
 from plugind.messages import EventFactory
 from plugind.runtime.pool import PluginPool
 

@@ -13,8 +13,8 @@ import anyio
 from plugind.bus.emit import Delivery, RegistryChange
 from plugind.errors import PlugindError
 from plugind.handlers.context import HandlerContext
-from plugind.handlers.local_plugins import Progress
 from plugind.handlers.timing import ms_since
+from plugind.installed.local_plugins import Progress
 from plugind.messages import (
     InstallCommand,
     Installed,
@@ -23,9 +23,9 @@ from plugind.messages import (
     InstallStarted,
     PackageRef,
 )
-from plugind.runtime.package import PluginPackage, read_package
-from plugind.runtime.package_store import get_package, store_package
-from plugind.runtime.signature import verify_signature
+from plugind.package.difypkg import PluginPackage, read_package
+from plugind.package.signature import verify_signature
+from plugind.projections.package_store import get_package, store_package
 
 log = logging.getLogger("plugind.install")
 

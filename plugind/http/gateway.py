@@ -39,9 +39,9 @@ from plugind.messages import (
     encode,
     is_terminal,
 )
+from plugind.package.difypkg import read_package
+from plugind.projections.package_store import get_package_by_identifier, store_package
 from plugind.projections.queries import get_checkpoint, query_events
-from plugind.runtime.package import read_package
-from plugind.runtime.package_store import get_package_by_identifier, store_package
 
 MAX_JSON_BODY = 8 * 1024 * 1024
 MAX_WAIT_S = 300.0

@@ -26,7 +26,7 @@ import anyio.to_thread
 import psutil  # type: ignore[import-untyped]
 
 from plugind.errors import PlugindError
-from plugind.runtime._manifest import parse_yaml
+from plugind.package import parse_yaml
 from plugind.runtime.process import PluginProcess
 
 log = logging.getLogger("plugind.runtime")

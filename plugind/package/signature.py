@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from plugind.config import ConfigError
 from plugind.errors import PlugindError
-from plugind.runtime import _zip
+from plugind.package import _zip
 
 __all__ = [
     "VERIFICATION_FILE",

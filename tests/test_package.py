@@ -13,8 +13,7 @@ import pytest
 from plugin_factory import ECHO, package_bytes, write_plugin
 
 from plugind.errors import PlugindError
-from plugind.runtime.extract import MARKER, extract
-from plugind.runtime.package import (
+from plugind.package.difypkg import (
     PluginPackage,
     build_package,
     dify_checksum,
@@ -22,6 +21,7 @@ from plugind.runtime.package import (
     parse_identifier,
     read_package,
 )
+from plugind.package.extract import MARKER, extract
 
 CALC = Path(__file__).resolve().parent.parent / "examples" / "plugins" / "calc"
 MiB = 1024 * 1024

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from plugind.embedded_proc import (
+from plugind.embedded.process import (
     HOST,
     STOP_TIMEOUT,
     DataDirLock,

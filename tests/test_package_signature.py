@@ -16,8 +16,8 @@ from plugin_factory import ECHO, write_plugin
 
 from plugind.config import ConfigError
 from plugind.errors import PlugindError
-from plugind.runtime.package import build_package, dify_checksum, read_package
-from plugind.runtime.signature import (
+from plugind.package.difypkg import build_package, dify_checksum, read_package
+from plugind.package.signature import (
     VERIFICATION_FILE,
     load_public_keys,
     sign_package,

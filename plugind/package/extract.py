@@ -16,8 +16,8 @@ import uuid
 from pathlib import Path
 
 from plugind.errors import PlugindError
-from plugind.runtime import _zip
-from plugind.runtime.package import PluginPackage
+from plugind.package import _zip
+from plugind.package.difypkg import PluginPackage
 
 MARKER = ".plugind-extracted"  # holds the package checksum; written last
 

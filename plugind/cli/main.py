@@ -9,12 +9,11 @@ import argparse
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import anyio
 
 from plugind import __version__
-from plugind.cli_commands import (
+from plugind.cli.commands import (
     cmd_events,
     cmd_install,
     cmd_invoke,
@@ -24,9 +23,9 @@ from plugind.cli_commands import (
     cmd_status,
     cmd_uninstall,
 )
-from plugind.cli_ops import cmd_audit, cmd_dlq
-from plugind.cli_projections import cmd_rebuild, cmd_replay
-from plugind.cli_support import CliError
+from plugind.cli.ops import cmd_audit, cmd_dlq
+from plugind.cli.projections import cmd_rebuild, cmd_replay
+from plugind.cli.support import CliError
 from plugind.config import ConfigError, load_settings
 
 Command = Callable[[argparse.Namespace], Awaitable[int]]
@@ -209,11 +208,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return getattr(exc, "exit_code", 1)
     except KeyboardInterrupt:
         return 130
-
-
-def run(argv: Sequence[str] | None = None) -> Any:
-    sys.exit(main(argv))
-
-
-if __name__ == "__main__":
-    run()

@@ -13,7 +13,7 @@ import orjson
 
 from plugind.bus.codec import EVENT_FIELD, text
 from plugind.bus.keys import PROJECTOR_GROUP, WORKERS_GROUP, Keys
-from plugind.cli_support import (
+from plugind.cli.support import (
     CliError,
     failed,
     parse_params,
@@ -66,7 +66,7 @@ async def cmd_migrate(args: argparse.Namespace) -> int:
 
 async def cmd_package(args: argparse.Namespace) -> int:
     from plugind.errors import PlugindError
-    from plugind.runtime.package import build_package, read_package
+    from plugind.package.difypkg import build_package, read_package
 
     settings: Settings = args.settings
     if not (args.dir / "manifest.yaml").is_file():
@@ -77,7 +77,7 @@ async def cmd_package(args: argparse.Namespace) -> int:
     except PlugindError as exc:
         raise CliError(f"{exc.code}: {exc.message}") from exc
     if args.sign is not None:
-        from plugind.runtime.signature import sign_package
+        from plugind.package.signature import sign_package
 
         try:
             key = await anyio.Path(args.sign).read_bytes()
@@ -141,8 +141,8 @@ async def _through_the_store(data: bytes, database_url: str, settings: Settings)
     Inline, a 50 MiB package would sit base64-encoded in the install stream until trimmed.
     """
     from plugind.errors import PlugindError
-    from plugind.runtime.package import read_package
-    from plugind.runtime.package_store import store_package
+    from plugind.package.difypkg import read_package
+    from plugind.projections.package_store import store_package
 
     try:
         package = await anyio.to_thread.run_sync(

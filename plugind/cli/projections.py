@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 import asyncpg
 import orjson
 
-from plugind.cli_support import CliError, service_urls
+from plugind.cli.support import CliError, service_urls
 from plugind.config import Settings
 from plugind.projections.queries import rfc3339
 from plugind.projections.rebuild import RebuildResult, rebuild_read_models

@@ -16,8 +16,8 @@ from plugind.bus.autopipeline import AutoPipeline
 from plugind.bus.codec import text
 from plugind.bus.keys import Keys, installed_field
 from plugind.errors import PlugindError
-from plugind.runtime.package import parse_identifier
-from plugind.runtime.package_store import get_package_by_identifier
+from plugind.package.difypkg import parse_identifier
+from plugind.projections.package_store import get_package_by_identifier
 
 
 class Registry:

@@ -5,7 +5,7 @@ with their data under one root (``PLUGIND_DATA_DIR``, default ``./.plugind``), s
 needs no set-up and still keeps its plugins and history across restarts. While they run,
 ``<root>/runtime.json`` names their URLs so that client commands in another terminal find them.
 
-The servers live in ``embedded_valkey`` and ``embedded_pg``; this module is the public face.
+The servers live in ``valkey`` and ``postgres`` beside this module; this is the public face.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from urllib.parse import urlsplit
 import anyio
 import anyio.to_thread
 
-from plugind.embedded_pg import POSTGRES_PORT, start_embedded_postgres
-from plugind.embedded_proc import DataDirInUseError, EmbeddedServer, EmbeddedServerError
-from plugind.embedded_valkey import VALKEY_PORT, redis_answers, start_embedded_redis
+from plugind.embedded.postgres import POSTGRES_PORT, start_embedded_postgres
+from plugind.embedded.process import DataDirInUseError, EmbeddedServer, EmbeddedServerError
+from plugind.embedded.valkey import VALKEY_PORT, redis_answers, start_embedded_redis
 
 __all__ = [
     "POSTGRES_PORT",

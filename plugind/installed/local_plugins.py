@@ -18,11 +18,11 @@ import yaml
 
 from plugind.config import Settings
 from plugind.errors import PlugindError
+from plugind.package.difypkg import PluginPackage, install_dir, read_package
+from plugind.package.extract import extract
+from plugind.projections.package_store import get_package_by_identifier
 from plugind.runtime.environment import ensure_environment
-from plugind.runtime.extract import extract
 from plugind.runtime.interpreter import find_plugin_python
-from plugind.runtime.package import PluginPackage, install_dir, read_package
-from plugind.runtime.package_store import get_package_by_identifier
 
 log = logging.getLogger("plugind.runtime")
 

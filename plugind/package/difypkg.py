@@ -18,9 +18,9 @@ from typing import Any
 
 from plugind.errors import PlugindError
 from plugind.messages import ManifestSummary
-from plugind.runtime import _zip
-from plugind.runtime._build import build_package, package_files
-from plugind.runtime._manifest import build_declaration, parse_yaml, validate_manifest
+from plugind.package import _zip
+from plugind.package._build import build_package, package_files
+from plugind.package._manifest import build_declaration, parse_yaml, validate_manifest
 
 __all__ = [
     "PluginPackage",

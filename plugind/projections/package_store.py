@@ -16,7 +16,7 @@ import orjson
 from asyncpg.pool import PoolConnectionProxy
 
 from plugind.errors import PlugindError
-from plugind.runtime.package import PluginPackage
+from plugind.package.difypkg import PluginPackage
 
 Executor: TypeAlias = asyncpg.Pool | asyncpg.Connection | PoolConnectionProxy
 
