@@ -59,6 +59,16 @@ class Settings:
     signature_public_keys: tuple[Path, ...] = ()
     node: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
+    def __post_init__(self) -> None:
+        # Resolved once, against the working directory the daemon starts in: plugin
+        # environments are built with the plugin's own folder as the working directory, where
+        # a relative PLUGIN_DIR would no longer point anywhere.
+        object.__setattr__(self, "plugin_dir", _absolute(self.plugin_dir))
+        object.__setattr__(self, "embedded_dir", _absolute(self.embedded_dir))
+        object.__setattr__(
+            self, "signature_public_keys", tuple(_absolute(p) for p in self.signature_public_keys)
+        )
+
     @property
     def embedded(self) -> bool:
         return self.redis_url is None or self.database_url is None
@@ -187,6 +197,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if "plugin_dir" not in values and "embedded_dir" in values:
         values["plugin_dir"] = Path(str(values["embedded_dir"])) / "plugins"
     return Settings(**values)  # type: ignore[arg-type]
+
+
+def _absolute(path: Path) -> Path:
+    return Path(os.path.abspath(path.expanduser()))
 
 
 def _paths(name: str, raw: str) -> tuple[Path, ...]:

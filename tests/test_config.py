@@ -59,3 +59,16 @@ def test_passwords_are_masked() -> None:
     assert mask_url("postgresql://u:secret@db:5432/x") == "postgresql://u:***@db:5432/x"
     assert mask_url("redis://:secret@r:6379") == "redis://:***@r:6379"
     assert mask_url("redis://r:6379") == "redis://r:6379"
+
+
+def test_relative_paths_are_resolved_against_the_starting_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    default = load_settings({})
+    assert default.plugin_dir == tmp_path / ".plugind" / "plugins"
+    assert default.embedded_dir == tmp_path / ".plugind"
+    relative = load_settings({"PLUGIN_DIR": "plugins", "PLUGIND_DATA_DIR": "data"})
+    assert (relative.plugin_dir, relative.embedded_dir) == (tmp_path / "plugins", tmp_path / "data")
+    monkeypatch.chdir("/")
+    assert relative.plugin_dir == tmp_path / "plugins"  # fixed at start, not at each use
