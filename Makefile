@@ -23,6 +23,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check plugind tests bench
+	$(BIN)/ruff format --check plugind tests bench
 	$(BIN)/mypy
 
 bench: $(STAMP)

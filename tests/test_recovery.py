@@ -21,6 +21,7 @@ from plugind.messages import (
     Installed,
     TaskCommand,
     TaskFailed,
+    TaskStarted,
     TaskSucceeded,
     encode,
 )
@@ -99,9 +100,7 @@ async def test_work_of_a_crashed_consumer_is_retried_then_dead_lettered(
     async with running_daemon(fast, shutdown_grace_s=5):
         retried = await client.wait("orphan", timeout=30)
         assert isinstance(retried, TaskSucceeded), retried
-        started = [
-            e for e in await client.events_of("orphan") if e.__struct_config__.tag == "task.started"
-        ]
+        started = [e for e in await client.events_of("orphan") if isinstance(e, TaskStarted)]
         assert [e.attempt for e in started] == [2]
 
         dead = await client.wait("poison", timeout=30)
