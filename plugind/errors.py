@@ -20,6 +20,34 @@ type-check.
   instead of ``task.failed``.
 - :class:`TooLarge` (``payload_too_large``, ``package_too_large``): 413 at the write gateway.
 - :class:`PackageNotFound` (``package_not_found``): 404 at the write gateway.
+
+The other exceptions, and where they live
+-----------------------------------------
+None of them is a :class:`PlugindError`: none ever becomes an event's ``error``. Each is answered
+where it is raised (an exit code, an HTTP status, the caller of ``wait``) and keeps the built-in
+base its callers catch it by.
+
+Defined here (they need only the standard library, so importing one never pulls in the module
+that raises it, and this module is the one place to look):
+
+- :class:`ConfigError` (a ``ValueError``): a bad setting; raised by ``config``, ``daemon`` and
+  ``package.signature`` (key files), printed as one line by the CLI.
+- :class:`CliError`: a CLI command failed; carries the exit code. Raised in ``cli/``.
+- :class:`WaitTimeout` (a ``TimeoutError``): :meth:`plugind.client.Client.wait` ran out of
+  time; ``plugind.client`` re-exports it, since producers use it with the client.
+- :class:`BadParameterError` (a ``ValueError``): a read-API query parameter; a 400 there.
+- :class:`EmbeddedServerError` (a ``RuntimeError``) and its :class:`DataDirInUseError`: an
+  embedded Redis or Postgres could not start or stop; raised in ``embedded/``.
+
+Defined next to their code:
+
+- ``ProjectionConflictError`` (a ``RuntimeError``) in ``plugind/projections/projector.py``: the
+  database's event log follows another namespace's events stream. It stays there while that
+  module is being split; it can move here afterwards, since it needs nothing from it.
+
+Not exceptions, though named like ones: ``SessionError`` and ``StreamError`` in
+``plugind/runtime/protocol.py`` are messages a plugin process sends (it raised; it could not
+parse a line). The runtime turns a ``SessionError`` into ``PlugindError("plugin_error")``.
 """
 
 from __future__ import annotations
@@ -152,3 +180,35 @@ class PackageNotFound(PlugindError):
 
     def __init__(self, message: str) -> None:
         self._init("package_not_found", message)
+
+
+# ------------------------------------------------------------------------------------------------
+# not PlugindErrors: see the module docstring
+
+
+class ConfigError(ValueError):
+    """A setting is missing or has a bad value; the message names the variable."""
+
+
+class CliError(Exception):
+    """The operation failed; the message goes to stderr and the exit code is ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class WaitTimeout(TimeoutError):
+    """The request had not ended when the wait ran out; it may still end later."""
+
+
+class BadParameterError(ValueError):
+    """A query parameter has a value the endpoint cannot use; becomes a 400."""
+
+
+class EmbeddedServerError(RuntimeError):
+    """An embedded server could not start or stop; the message says why and where its log is."""
+
+
+class DataDirInUseError(EmbeddedServerError):
+    """Another live process already runs a server on this data dir."""

@@ -29,9 +29,9 @@ from starlette.routing import Route
 
 from plugind.bus.codec import EVENT_FIELD, text
 from plugind.bus.keys import Keys
-from plugind.client import Client, WaitTimeout
+from plugind.client import Client
 from plugind.config import Settings
-from plugind.errors import ErrorCode, PackageNotFound, PlugindError, TooLarge
+from plugind.errors import ErrorCode, PackageNotFound, PlugindError, TooLarge, WaitTimeout
 from plugind.messages import (
     TERMINAL_EVENT_TYPES,
     InstallCommand,

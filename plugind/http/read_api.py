@@ -23,7 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from plugind.bus.keys import Keys
-from plugind.errors import ErrorCode
+from plugind.errors import BadParameterError, ErrorCode
 from plugind.http.health import check_health
 from plugind.http.metrics import render_metrics
 from plugind.projections.queries import (
@@ -47,10 +47,6 @@ class JSONResponse(Response):
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
-
-
-class BadParameterError(ValueError):
-    """A query parameter has a value the endpoint cannot use; becomes a 400."""
 
 
 def error_response(status: int, code: ErrorCode, message: str) -> JSONResponse:
