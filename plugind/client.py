@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from plugind.bus.codec import EVENT_FIELD, command_fields, text
 from plugind.bus.keys import Keys
 from plugind.bus.producer import publish, stream_for
+from plugind.errors import WaitTimeout as WaitTimeout  # re-exported: producers catch it with Client
 from plugind.messages import (
     AnyCommand,
     AnyEvent,
@@ -31,10 +32,6 @@ from plugind.messages import (
     decode_event,
     is_terminal,
 )
-
-
-class WaitTimeout(TimeoutError):
-    """The request had not ended when the wait ran out; it may still end later."""
 
 
 class Client:

@@ -14,14 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from plugind.errors import ConfigError
+
 T = TypeVar("T")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARN", "WARNING", "ERROR")
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-
-
-class ConfigError(ValueError):
-    """A setting is missing or has a bad value; the message names the variable."""
 
 
 @dataclass(frozen=True, slots=True)

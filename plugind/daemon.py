@@ -27,7 +27,8 @@ from plugind.bus.consumer import StreamConsumer, ensure_group
 from plugind.bus.emit import Emitter
 from plugind.bus.keys import WORKERS_GROUP, Keys
 from plugind.bus.retention import run_retention
-from plugind.config import ConfigError, Settings, mask_url
+from plugind.config import Settings, mask_url
+from plugind.errors import ConfigError
 from plugind.handlers.context import HandlerContext
 from plugind.handlers.dispatch import Dispatcher
 from plugind.installed.local_plugins import LocalPlugins
@@ -38,7 +39,7 @@ from plugind.projections.migrate import migrate
 from plugind.projections.projector import Projector
 from plugind.runtime.pool import PluginPool
 
-log = logging.getLogger("plugind")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from plugind.config import ConfigError, load_settings, mask_url
+from plugind.config import load_settings, mask_url
+from plugind.errors import ConfigError
 
 
 def test_defaults_mean_the_embedded_services() -> None:

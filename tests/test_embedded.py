@@ -20,7 +20,6 @@ import pytest
 import redis
 
 from plugind.embedded import (
-    DataDirInUseError,
     EmbeddedUrls,
     embedded_services,
     read_runtime_file,
@@ -28,6 +27,7 @@ from plugind.embedded import (
     start_embedded_redis,
 )
 from plugind.embedded.process import processes_in
+from plugind.errors import DataDirInUseError
 
 
 @pytest.fixture

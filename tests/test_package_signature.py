@@ -14,8 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from plugin_factory import ECHO, write_plugin
 
-from plugind.config import ConfigError
-from plugind.errors import PlugindError
+from plugind.errors import ConfigError, PlugindError
 from plugind.package.difypkg import build_package, dify_checksum, read_package
 from plugind.package.signature import (
     VERIFICATION_FILE,

@@ -23,8 +23,8 @@ from test_projections_replay import (
 from plugind.bus.keys import Keys
 from plugind.cli.ops import cmd_audit
 from plugind.cli.projections import cmd_rebuild, cmd_replay
-from plugind.cli.support import CliError
 from plugind.config import Settings
+from plugind.errors import CliError
 from plugind.projections.projector import Projector
 from plugind.projections.queries import get_task
 from plugind.projections.rebuild import read_models_equal_rebuild, rebuild_read_models

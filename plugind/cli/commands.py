@@ -14,14 +14,14 @@ import orjson
 from plugind.bus.codec import EVENT_FIELD, text
 from plugind.bus.keys import PROJECTOR_GROUP, WORKERS_GROUP, Keys
 from plugind.cli.support import (
-    CliError,
     failed,
     parse_params,
     print_event,
     service_urls,
 )
-from plugind.client import Client, WaitTimeout
+from plugind.client import Client
 from plugind.config import Settings
+from plugind.errors import CliError, WaitTimeout
 from plugind.logs import setup_logging
 from plugind.messages import (
     AnyEvent,

@@ -25,8 +25,8 @@ from plugind.cli.commands import (
 )
 from plugind.cli.ops import cmd_audit, cmd_dlq
 from plugind.cli.projections import cmd_rebuild, cmd_replay
-from plugind.cli.support import CliError
-from plugind.config import ConfigError, load_settings
+from plugind.config import load_settings
+from plugind.errors import CliError, ConfigError
 
 Command = Callable[[argparse.Namespace], Awaitable[int]]
 

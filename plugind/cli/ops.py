@@ -11,9 +11,10 @@ import orjson
 
 from plugind.bus.codec import CMD_FIELD, text
 from plugind.bus.keys import Keys
-from plugind.cli.support import CliError, service_urls
+from plugind.cli.support import service_urls
 from plugind.client import Client
 from plugind.config import Settings
+from plugind.errors import CliError
 
 
 async def cmd_dlq(args: argparse.Namespace) -> int:

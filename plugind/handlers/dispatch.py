@@ -16,6 +16,7 @@ import orjson
 
 from plugind.bus.codec import CMD_FIELD, text
 from plugind.bus.emit import Delivery
+from plugind.errors import PlugindError, TooLarge
 from plugind.handlers.context import HandlerContext
 from plugind.handlers.install import handle_install
 from plugind.handlers.rejection import reject
@@ -23,14 +24,13 @@ from plugind.handlers.task import handle_task
 from plugind.handlers.uninstall import handle_uninstall
 from plugind.messages import (
     CommandDeadLettered,
-    ErrorInfo,
     InstallCommand,
     TaskCommand,
     UninstallCommand,
     decode_command,
 )
 
-log = logging.getLogger("plugind.bus")
+log = logging.getLogger(__name__)
 
 _CMD = CMD_FIELD.encode()
 _REQUEST_ID = re.compile(rb'"request_id"\s*:\s*"([^"\\]{1,128})"')
@@ -51,7 +51,9 @@ class Dispatcher:
             await reject(
                 ctx,
                 delivery,
-                ErrorInfo("malformed_command", f"entry has no `cmd` field (fields: {names})"),
+                PlugindError(
+                    "malformed_command", f"entry has no `cmd` field (fields: {names})"
+                ).info(),
             )
             return
         if len(raw) > self.max_command_bytes:
@@ -59,10 +61,10 @@ class Dispatcher:
             await reject(
                 ctx,
                 delivery,
-                ErrorInfo(
+                TooLarge(
                     "payload_too_large",
                     f"command is {len(raw)} bytes, over the {self.max_command_bytes}-byte limit",
-                ),
+                ).info(),
                 request_id=rid,
                 tenant_id=tenant,
             )
@@ -74,7 +76,7 @@ class Dispatcher:
             await reject(
                 ctx,
                 delivery,
-                ErrorInfo("malformed_command", str(exc)),
+                PlugindError("malformed_command", str(exc)).info(),
                 request_id=rid,
                 tenant_id=tenant,
             )
@@ -99,10 +101,10 @@ class Dispatcher:
         """Give up on an entry that failed ``PLUGIND_MAX_DELIVERIES`` times."""
         ctx = self.ctx
         rid, tenant = _best_effort_ids(delivery.fields.get(_CMD, b""))
-        error = ErrorInfo(
+        error = PlugindError(
             "max_deliveries_exceeded",
             f"delivered {delivery.deliveries} times without finishing; moved to dead letters",
-        )
+        ).info()
         event = ctx.events(
             CommandDeadLettered,
             request_id=rid,

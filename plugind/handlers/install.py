@@ -11,7 +11,7 @@ from collections.abc import Callable
 import anyio
 
 from plugind.bus.emit import Delivery, RegistryChange
-from plugind.errors import PlugindError
+from plugind.errors import PackageNotFound, PlugindError, TimedOut, TooLarge
 from plugind.handlers.context import HandlerContext
 from plugind.handlers.timing import ms_since
 from plugind.installed.local_plugins import Progress
@@ -27,7 +27,7 @@ from plugind.package.difypkg import PluginPackage, read_package
 from plugind.package.signature import verify_signature
 from plugind.projections.package_store import get_package, store_package
 
-log = logging.getLogger("plugind.install")
+log = logging.getLogger(__name__)
 
 
 async def handle_install(ctx: HandlerContext, delivery: Delivery, cmd: InstallCommand) -> None:
@@ -56,9 +56,7 @@ async def handle_install(ctx: HandlerContext, delivery: Delivery, cmd: InstallCo
         error = (
             exc
             if isinstance(exc, PlugindError)
-            else PlugindError(
-                "timeout", f"install did not finish within {ctx.settings.install_timeout:g}s"
-            )
+            else TimedOut(f"install did not finish within {ctx.settings.install_timeout:g}s")
         )
         duration_ms = ms_since(started)
         plugin_id = package.plugin_id if package else None
@@ -151,9 +149,7 @@ async def _fetch(ctx: HandlerContext, ref: PackageRef) -> bytes:
     limit = ctx.settings.max_package_size
     if ref.base64 is not None:
         if len(ref.base64) * 3 // 4 > limit:
-            raise PlugindError(
-                "package_too_large", f"inline package is over the {limit}-byte limit"
-            )
+            raise TooLarge("package_too_large", f"inline package is over the {limit}-byte limit")
         try:
             return b64decode(ref.base64, validate=True)
         except (binascii.Error, ValueError) as exc:
@@ -161,9 +157,7 @@ async def _fetch(ctx: HandlerContext, ref: PackageRef) -> bytes:
     if ref.sha256 is not None:
         stored = await get_package(ctx.db, ref.sha256.lower())
         if stored is None:
-            raise PlugindError(
-                "package_not_found", f"no package with sha256 {ref.sha256} is in the store"
-            )
+            raise PackageNotFound(f"no package with sha256 {ref.sha256} is in the store")
         return stored.data
     assert ref.path is not None
     inbox = (ctx.settings.plugin_dir / "packages").resolve()
@@ -174,10 +168,10 @@ async def _fetch(ctx: HandlerContext, ref: PackageRef) -> bytes:
         )
     apath = anyio.Path(path)
     if not await apath.is_file():
-        raise PlugindError("package_not_found", f"no package file {ref.path!r} in {inbox}")
+        raise PackageNotFound(f"no package file {ref.path!r} in {inbox}")
     size = (await apath.stat()).st_size
     if size > limit:
-        raise PlugindError(
+        raise TooLarge(
             "package_too_large", f"{ref.path} is {size} bytes, over the {limit}-byte limit"
         )
     return await apath.read_bytes()

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from plugind.bus.emit import Delivery
-from plugind.errors import PlugindError
+from plugind.errors import PlugindError, TimedOut
 from plugind.handlers.context import HandlerContext
 from plugind.handlers.timing import ms_since
 from plugind.messages import (
@@ -22,7 +22,7 @@ from plugind.messages import (
 )
 from plugind.runtime.process import PluginRequest
 
-log = logging.getLogger("plugind.task")
+log = logging.getLogger(__name__)
 
 
 async def handle_task(ctx: HandlerContext, delivery: Delivery, cmd: TaskCommand) -> None:
@@ -64,25 +64,24 @@ async def handle_task(ctx: HandlerContext, delivery: Delivery, cmd: TaskCommand)
             result=TaskResult(chunks=chunks),
             duration_ms=ms_since(started),
         )
+    except TimedOut:
+        outcome = events(
+            TaskTimedOut,
+            request_id=rid,
+            tenant_id=tenant,
+            plugin_id=plugin_id,
+            timeout_s=timeout,
+            duration_ms=ms_since(started),
+        )
     except PlugindError as exc:
-        if exc.code == "timeout":
-            outcome = events(
-                TaskTimedOut,
-                request_id=rid,
-                tenant_id=tenant,
-                plugin_id=plugin_id,
-                timeout_s=timeout,
-                duration_ms=ms_since(started),
-            )
-        else:
-            outcome = events(
-                TaskFailed,
-                request_id=rid,
-                tenant_id=tenant,
-                plugin_id=plugin_id,
-                error=exc.info(),
-                duration_ms=ms_since(started),
-            )
+        outcome = events(
+            TaskFailed,
+            request_id=rid,
+            tenant_id=tenant,
+            plugin_id=plugin_id,
+            error=exc.info(),
+            duration_ms=ms_since(started),
+        )
     committed = await ctx.emitter.terminal(delivery, outcome, output=cmd.stream)
     if committed is not None:
         _log_outcome(outcome, plugin_id, rid, timeout)

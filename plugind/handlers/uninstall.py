@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 
 from plugind.bus.emit import Delivery, RegistryChange
+from plugind.errors import PlugindError
 from plugind.handlers.context import HandlerContext
 from plugind.handlers.rejection import reject
-from plugind.messages import ErrorInfo, UninstallCommand, Uninstalled
+from plugind.messages import UninstallCommand, Uninstalled
 
-log = logging.getLogger("plugind.install")
+log = logging.getLogger(__name__)
 
 
 async def handle_uninstall(ctx: HandlerContext, delivery: Delivery, cmd: UninstallCommand) -> None:
@@ -18,10 +19,10 @@ async def handle_uninstall(ctx: HandlerContext, delivery: Delivery, cmd: Uninsta
         await reject(
             ctx,
             delivery,
-            ErrorInfo(
+            PlugindError(
                 "not_installed",
                 f"plugin {cmd.plugin_id} is not installed for tenant {cmd.tenant_id}",
-            ),
+            ).info(),
             request_id=cmd.request_id,
             tenant_id=cmd.tenant_id,
         )

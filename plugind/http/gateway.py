@@ -2,14 +2,18 @@
 
 It only appends commands and reads events; it never runs a handler, so it scales and fails
 independently of the workers. Every request needs ``X-Api-Key``.
+
+A request that cannot be carried out raises a :class:`~plugind.errors.PlugindError`; the app's
+exception handlers answer ``{"error": {"code", "message"}}`` with the status of the error's
+family (:data:`ERROR_STATUS`), so the routes raise what went wrong and never pick a status.
 """
 
 from __future__ import annotations
 
 import hmac
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Final
 
 import anyio
 import asyncpg
@@ -25,9 +29,9 @@ from starlette.routing import Route
 
 from plugind.bus.codec import EVENT_FIELD, text
 from plugind.bus.keys import Keys
-from plugind.client import Client, WaitTimeout
+from plugind.client import Client
 from plugind.config import Settings
-from plugind.errors import PlugindError
+from plugind.errors import ErrorCode, PackageNotFound, PlugindError, TooLarge, WaitTimeout
 from plugind.messages import (
     TERMINAL_EVENT_TYPES,
     InstallCommand,
@@ -51,7 +55,7 @@ def _json(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
-def _error(status: int, code: str, message: str) -> Response:
+def _error(status: int, code: ErrorCode, message: str) -> Response:
     return _json({"error": {"code": code, "message": message}}, status)
 
 
@@ -78,12 +82,12 @@ class _Gateway:
     async def _body(self, request: Request, limit: int) -> bytes:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
-            raise PlugindError("payload_too_large", f"body is over the {limit}-byte limit")
+            raise TooLarge("payload_too_large", f"body is over the {limit}-byte limit")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise PlugindError("payload_too_large", f"body is over the {limit}-byte limit")
+                raise TooLarge("payload_too_large", f"body is over the {limit}-byte limit")
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -106,7 +110,7 @@ class _Gateway:
                     raise PlugindError("invalid_package", "multipart body has no file part")
                 data = await upload.read(limit + 1)
                 if len(data) > limit:
-                    raise PlugindError("package_too_large", f"package is over {limit} bytes")
+                    raise TooLarge("package_too_large", f"package is over {limit} bytes")
         else:
             data = await self._body(request, limit)
         package = await anyio.to_thread.run_sync(lambda: read_package(data, max_size=limit))
@@ -129,7 +133,7 @@ class _Gateway:
                 raise PlugindError("malformed_command", "give `sha256` or `identifier`")
             stored = await get_package_by_identifier(self.pool, identifier)
             if stored is None:
-                return _error(404, "package_not_found", f"no package {identifier} in the store")
+                raise PackageNotFound(f"no package {identifier} in the store")
             sha256 = stored.sha256
         command = InstallCommand(
             request_id=_request_id(body),
@@ -240,16 +244,21 @@ def _wait_seconds(request: Request) -> float | None:
     return min(max(value, 0.0), MAX_WAIT_S)
 
 
-def _guard(handler: Any) -> Any:
-    async def endpoint(request: Request) -> Response:
-        try:
-            response: Response = await handler(request)
-            return response
-        except PlugindError as exc:
-            status = 413 if exc.code in ("payload_too_large", "package_too_large") else 400
-            return _error(status, exc.code, exc.message)
+ERROR_STATUS: Final[dict[type[PlugindError], int]] = {
+    PlugindError: 400,
+    TooLarge: 413,
+    PackageNotFound: 404,
+}
+"""The HTTP status of each error family. Starlette picks the handler of the closest class in
+an exception's MRO, so a subclass listed here wins over :class:`PlugindError`."""
 
-    return endpoint
+
+def _answer_with(status: int) -> Callable[[Request, Exception], Awaitable[Response]]:
+    async def handler(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, PlugindError)
+        return _error(status, exc.code, exc.message)
+
+    return handler
 
 
 def create_gateway_app(
@@ -259,10 +268,14 @@ def create_gateway_app(
         raise PlugindError("unauthorized", "the gateway refuses to start without PLUGIND_API_KEY")
     gw = _Gateway(redis, pool, keys, settings)
     routes = [
-        Route("/api/v1/packages", _guard(gw.upload_package), methods=["POST"]),
-        Route("/api/v1/plugins/install", _guard(gw.install), methods=["POST"]),
-        Route("/api/v1/plugins/{author}/{name}", _guard(gw.uninstall), methods=["DELETE"]),
-        Route("/api/v1/tasks", _guard(gw.task), methods=["POST"]),
+        Route("/api/v1/packages", gw.upload_package, methods=["POST"]),
+        Route("/api/v1/plugins/install", gw.install, methods=["POST"]),
+        Route("/api/v1/plugins/{author}/{name}", gw.uninstall, methods=["DELETE"]),
+        Route("/api/v1/tasks", gw.task, methods=["POST"]),
         Route("/api/v1/tasks/{request_id}/events", gw.task_events, methods=["GET"]),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(_ApiKey, api_key=settings.api_key)])
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(_ApiKey, api_key=settings.api_key)],
+        exception_handlers={cls: _answer_with(status) for cls, status in ERROR_STATUS.items()},
+    )

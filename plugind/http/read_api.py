@@ -23,6 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from plugind.bus.keys import Keys
+from plugind.errors import BadParameterError, ErrorCode
 from plugind.http.health import check_health
 from plugind.http.metrics import render_metrics
 from plugind.projections.queries import (
@@ -48,11 +49,7 @@ class JSONResponse(Response):
         return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
 
 
-class BadParameterError(ValueError):
-    """A query parameter has a value the endpoint cannot use; becomes a 400."""
-
-
-def error_response(status: int, code: str, message: str) -> JSONResponse:
+def error_response(status: int, code: ErrorCode, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
@@ -201,7 +198,8 @@ async def _bad_parameter(request: Request, exc: Exception) -> Response:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    codes: dict[int, ErrorCode] = {404: "not_found", 405: "method_not_allowed"}
+    code: ErrorCode = codes.get(exc.status_code, "http_error")
     return error_response(exc.status_code, code, str(exc.detail))
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from plugind.errors import PlugindError
+from plugind.errors import PlugindError, TooLarge
 from plugind.messages import ManifestSummary
 from plugind.package import _zip
 from plugind.package._build import build_package, package_files
@@ -109,14 +109,14 @@ def read_package(
 ) -> PluginPackage:
     """Verify ``data`` as a `.difypkg` and describe it.
 
-    Raises :class:`PlugindError` with ``package_too_large`` (over ``max_size`` bytes),
-    ``unsafe_package`` (paths escaping the package, links, zip bombs: more than
-    ``max_entries`` entries or more than ``max_uncompressed`` inflated bytes, by default
-    ``8 × max_size``) or ``invalid_package`` (not a zip, a missing or wrong manifest, a
+    Raises :class:`TooLarge` (``package_too_large``) over ``max_size`` bytes, else
+    :class:`PlugindError` with ``unsafe_package`` (paths escaping the package, links, zip bombs:
+    more than ``max_entries`` entries or more than ``max_uncompressed`` inflated bytes, by
+    default ``8 × max_size``) or ``invalid_package`` (not a zip, a missing or wrong manifest, a
     provider file it names is missing or broken), each with a message naming the problem.
     """
     if len(data) > max_size:
-        raise PlugindError(
+        raise TooLarge(
             "package_too_large", f"the package is {len(data)} bytes; the limit is {max_size}"
         )
     limit = max_uncompressed if max_uncompressed is not None else max_size * UNCOMPRESSED_FACTOR

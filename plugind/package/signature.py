@@ -43,8 +43,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from plugind.config import ConfigError
-from plugind.errors import PlugindError
+from plugind.errors import ConfigError, PlugindError
 from plugind.package import _zip
 
 __all__ = [

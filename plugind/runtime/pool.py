@@ -28,12 +28,12 @@ from typing import Any, NamedTuple
 
 import anyio
 
-from plugind.errors import PlugindError
+from plugind.errors import PlugindError, TimedOut
 from plugind.runtime._slots import Group, Slot
 from plugind.runtime.memory import MemoryWatchdog, memory_limit
 from plugind.runtime.process import ChunkCallback, PluginProcess, PluginRequest
 
-log = logging.getLogger("plugind.runtime")
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_RESULT = 16 * 1024 * 1024
 _LINE_SLACK = 1024 * 1024  # the envelope of a stream line around its data
@@ -317,9 +317,7 @@ class PluginPool:
             raise
         if not ready:
             if time.monotonic() < ready_by:
-                raise PlugindError(
-                    "timeout", f"{group.identifier} was still starting when the time ran out"
-                )
+                raise TimedOut(f"{group.identifier} was still starting when the time ran out")
             error = proc.no_heartbeat_error(self.ready_timeout)
             slot.exit_recorded = True
             self._count_failure(slot, error, time.monotonic())

@@ -29,7 +29,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from plugind.errors import PlugindError
+from plugind.errors import PlugindError, TimedOut
 from plugind.runtime import protocol
 from plugind.runtime._env import plugin_env
 from plugind.runtime._reader import OutputReader, describe_exit, signal_group, warn_if_pid1
@@ -38,7 +38,7 @@ from plugind.runtime.protocol import PluginRequest
 
 __all__ = ["ChunkCallback", "PluginProcess", "PluginRequest"]
 
-log = logging.getLogger("plugind.runtime")
+log = logging.getLogger(__name__)
 
 ChunkCallback = Callable[[Any], Awaitable[None]]
 
@@ -261,10 +261,9 @@ class PluginProcess:
                     elif kind == "invoke":
                         await self._refuse_backwards(session_id, value)
             if scope.cancelled_caught:
-                raise PlugindError(
-                    "timeout",
+                raise TimedOut(
                     f"{self.identifier} did not finish {request.access}/{request.action} "
-                    f"within {timeout:g}s",
+                    f"within {timeout:g}s"
                 )
             raise PlugindError("plugin_crashed", f"{self.identifier} dropped the session")
         finally:
