@@ -1,7 +1,7 @@
 """Settings from the environment, validated once at start.
 
-A bad value stops the daemon with one line naming the variable (DESIGN §9), because a daemon that
-starts with a half-understood configuration fails later, far from the cause.
+A bad value stops the daemon with one line naming the variable (docs/configuration.md), because
+a daemon that starts with a half-understood configuration fails later, far from the cause.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ from typing import Any, Final, Literal, get_args
 from plugind.messages import ErrorInfo
 
 ErrorCode = Literal[
-    # DESIGN §4
+    # the codes of docs/architecture.md, "Events"
     "malformed_command",
     "unknown_plugin",
     "not_installed",

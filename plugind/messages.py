@@ -1,9 +1,9 @@
 """Schemas of every command and event: the single source of truth for the wire format.
 
 Commands arrive as the JSON in a stream entry's ``cmd`` field and events leave as the JSON in an
-entry's ``event`` field (DESIGN §3-4). Both are tagged unions on ``type``, so one decode both
-validates and dispatches, and a decode error names the bad field (``Object missing required field
-`plugin_id` - at `$```). Unknown fields are ignored so producers may send more than we read.
+entry's ``event`` field (docs/architecture.md). Both are tagged unions on ``type``, so one decode
+both validates and dispatches, and a decode error names the bad field (``Object missing required
+field `plugin_id` - at `$```). Unknown fields are ignored so producers may send more than we read.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Lua scripts for the steps that must be atomic (DESIGN §5).
+"""Lua scripts for the steps that must be atomic (docs/architecture.md, "Delivery guarantees").
 
 Redis runs a script without interleaving other commands, so "mark done if absent, append the
 terminal event, acknowledge" cannot be split by a racing consumer or a crash: either all of it

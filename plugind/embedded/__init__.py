@@ -1,4 +1,4 @@
-"""Embedded Valkey and Postgres: the zero-set-up default of ``plugind serve`` (DESIGN §9).
+"""Embedded Valkey and Postgres: the zero-set-up default of ``plugind serve`` (docs/operations.md).
 
 With ``REDIS_URL`` / ``DATABASE_URL`` unset the daemon runs its own servers, bound to 127.0.0.1,
 with their data under one root (``PLUGIND_DATA_DIR``, default ``./.plugind``), so a first try

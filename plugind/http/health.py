@@ -1,4 +1,4 @@
-"""``GET /health``: one bounded probe per dependency, folded into one verdict (DESIGN §8).
+"""``GET /health``: one bounded probe per dependency, folded into one verdict (docs/operations.md).
 
 Every probe has its own short deadline, so a dead Postgres or a hung Redis turns into a 503
 naming it within seconds instead of a request that hangs as long as the dependency does.

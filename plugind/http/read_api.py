@@ -1,4 +1,4 @@
-"""The read API (:5002): health, stats, plugins, tasks, the event log and metrics (DESIGN §8).
+"""The read API (:5002): health, stats, plugins, tasks, events, metrics (docs/operations.md).
 
 Everything here reads; the projector is the only writer of what it serves. Errors are JSON
 ``{"error": {"code", "message"}}``: 400 for a bad query parameter (the message says which and
