@@ -3,6 +3,11 @@
 Shutdown (SIGTERM, SIGINT or :meth:`Daemon.stop`) first stops the consumers from reading, lets
 in-flight work finish within ``shutdown_grace_s``, leaves the rest pending for another consumer,
 then stops the projector and the HTTP servers, and finally the plugin processes.
+
+Redis and Postgres must answer at start (within ``PLUGIND_CONNECT_TIMEOUT``); after that no
+outage of either ends the process. Every role retries with a capped backoff and reports to the
+daemon's :class:`~plugind.outage.Outages`, which logs one line when a dependency goes away and
+one when it is back, and which ``/health`` and ``/metrics`` read.
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ import asyncpg
 import redis.asyncio as aioredis
 import uvicorn
 from anyio.abc import TaskGroup, TaskStatus
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp
 
 from plugind import __version__
@@ -34,6 +43,7 @@ from plugind.handlers.dispatch import Dispatcher
 from plugind.installed.local_plugins import LocalPlugins
 from plugind.installed.registry import Registry
 from plugind.messages import EventFactory
+from plugind.outage import Outages, is_postgres_outage, is_redis_outage
 from plugind.package.signature import load_public_keys
 from plugind.projections.migrate import migrate
 from plugind.projections.projector import Projector
@@ -45,6 +55,7 @@ T = TypeVar("T")
 
 ALL_ROLES = ("worker", "projector", "api", "gateway")
 MIN_REDIS = (6, 2)
+WATCH_INTERVAL_S = 2.0
 
 
 class _Server(uvicorn.Server):
@@ -74,6 +85,8 @@ class Daemon:
     ports: dict[str, int] = field(default_factory=dict)
     consumers: list[StreamConsumer] = field(default_factory=list)
     plugins: PluginPool | None = None
+    emitter: Emitter | None = None  # the workers' (tests reach its pipeline's fault hook)
+    outages: Outages = field(default_factory=Outages)
     _stop: anyio.Event = field(default_factory=anyio.Event)
 
     @property
@@ -107,6 +120,7 @@ class Daemon:
             async with anyio.create_task_group() as tg:
                 if self.handle_signals:
                     tg.start_soon(self._watch_signals)
+                tg.start_soon(self._watch_dependencies)
                 servers = await self._start_roles(tg)
                 self._log_started()
                 task_status.started(self)
@@ -150,6 +164,7 @@ class Daemon:
         servers: list[_Server] = []
         if "worker" in self.roles:
             context = self._handler_context()
+            self.emitter = context.emitter
             restored = await context.registry.restore_if_lost()
             if restored:
                 log.warning(
@@ -174,6 +189,7 @@ class Daemon:
                     reclaim_idle_s=timeout + settings.reclaim_grace,
                     max_deliveries=settings.max_deliveries,
                     on_dead=dispatcher.dead_letter,
+                    outage=self.outages.redis,
                 )
                 self.consumers.append(consumer)
                 await tg.start(_run_consumer, consumer, self.shutdown_grace_s)
@@ -190,19 +206,30 @@ class Daemon:
                     self.db,
                     keys,
                     retention_s=settings.stream_retention,
+                    outages=self.outages,
                 )
             )
         if "api" in self.roles:
             from plugind.http.read_api import create_read_app
 
-            app = create_read_app(redis=self.redis, pool=self.db, keys=keys, version=__version__)
+            app = create_read_app(
+                redis=self.redis,
+                pool=self.db,
+                keys=keys,
+                version=__version__,
+                outages=self.outages,
+            )
             servers.append(await self._serve(tg, "api", app, settings.http_port))
         if "gateway" in self.roles:
             if settings.api_key:
                 from plugind.http.gateway import create_gateway_app
 
                 app = create_gateway_app(
-                    redis=self.redis, pool=self.db, keys=keys, settings=settings
+                    redis=self.redis,
+                    pool=self.db,
+                    keys=keys,
+                    settings=settings,
+                    outages=self.outages,
                 )
                 servers.append(await self._serve(tg, "gateway", app, settings.gateway_port))
             elif "gateway" in self.roles and self.roles != ALL_ROLES:
@@ -214,7 +241,8 @@ class Daemon:
     def _handler_context(self) -> HandlerContext:
         settings, keys = self.settings, self.keys
         assert self.redis is not None and self.db is not None and self.plugins is not None
-        emitter = Emitter(self.redis, keys, dedupe_ttl=settings.dedupe_ttl)
+        outages = self.outages
+        emitter = Emitter(self.redis, keys, dedupe_ttl=settings.dedupe_ttl, outage=outages.redis)
         signature_keys: tuple[bytes, ...] = ()
         if settings.verify_signature:
             signature_keys = tuple(load_public_keys(settings.signature_public_keys))
@@ -225,10 +253,13 @@ class Daemon:
             keys=keys,
             emitter=emitter,
             events=EventFactory(settings.node),
-            registry=Registry(self.redis, keys, self.db, emitter.pipeline),
-            local=LocalPlugins(settings, self.db),
+            registry=Registry(
+                self.redis, keys, self.db, emitter.pipeline, postgres=outages.postgres
+            ),
+            local=LocalPlugins(settings, self.db, postgres=outages.postgres),
             plugins=self.plugins,
             signature_keys=signature_keys,
+            outages=outages,
         )
 
     async def _serve(self, tg: TaskGroup, role: str, app: ASGIApp, port: int) -> _Server:
@@ -268,6 +299,25 @@ class Daemon:
             self.settings.namespace,
         )
 
+    async def _watch_dependencies(self) -> None:
+        """Ping Redis and Postgres every couple of seconds, for the outage trackers.
+
+        The roles report what they meet, but a node whose roles leave a dependency idle (a
+        worker and Postgres, say) would otherwise neither log that it went away nor notice
+        that it came back, and ``/metrics`` would miscount the outage's length.
+        """
+        assert self.redis is not None and self.db is not None
+        redis, db, outages = self.redis, self.db, self.outages
+        while True:
+            await _probe(redis.ping, outages.redis.ok, outages.redis.failed, is_redis_outage)
+            await _probe(
+                lambda: db.fetchval("SELECT 1", timeout=WATCH_INTERVAL_S),
+                outages.postgres.ok,
+                outages.postgres.failed,
+                is_postgres_outage,
+            )
+            await anyio.sleep(WATCH_INTERVAL_S)
+
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
@@ -281,6 +331,27 @@ async def _run_consumer(
     consumer: StreamConsumer, grace_s: float, *, task_status: TaskStatus[None]
 ) -> None:
     await consumer.run(grace_s=grace_s, task_status=task_status)
+
+
+async def _probe(
+    check: Callable[[], Awaitable[Any]],
+    ok: Callable[[], None],
+    failed: Callable[[BaseException], None],
+    is_outage: Callable[[BaseException], bool],
+) -> None:
+    """One bounded check of a dependency, reported to its tracker (``ok`` or ``failed``)."""
+    try:
+        with anyio.fail_after(WATCH_INTERVAL_S):
+            await check()
+    except TimeoutError:
+        failed(TimeoutError(f"no answer within {WATCH_INTERVAL_S:g}s"))
+    except Exception as exc:
+        if is_outage(exc):
+            failed(exc)
+        else:
+            log.warning("Dependency check failed: %r", exc)
+    else:
+        ok()
 
 
 async def _shielded(close: Any) -> None:
@@ -307,8 +378,15 @@ async def _until_up(what: str, url: str, timeout: float, connect: Callable[[], A
 
 async def _connect_redis(url: str, timeout: float) -> aioredis.Redis:
     async def connect() -> aioredis.Redis:
+        # A couple of quick retries on a fresh connection absorb the stale pooled connections a
+        # Redis restart leaves behind (from_url gives none by default); longer outages are the
+        # roles' business (plugind.outage).
         client: aioredis.Redis = aioredis.Redis.from_url(
-            url, health_check_interval=30, socket_keepalive=True
+            url,
+            health_check_interval=30,
+            socket_keepalive=True,
+            retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 2),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
         try:
             info: dict[str, Any] = await client.info("server")
@@ -328,7 +406,15 @@ async def _connect_redis(url: str, timeout: float) -> aioredis.Redis:
 
 async def _connect_postgres(url: str, timeout: float) -> asyncpg.Pool:
     async def connect() -> asyncpg.Pool:
-        pool = await asyncpg.create_pool(url, min_size=1, max_size=10, timeout=10)
+        # min_size=0: asyncpg keeps no connection floor, so while Postgres is down it does not
+        # log a traceback every few seconds trying to restore one ("Failed to restore the pool
+        # connection floor"); the daemon's own watch reports the outage once instead.
+        pool = await asyncpg.create_pool(url, min_size=0, max_size=10, timeout=10)
+        try:
+            await pool.fetchval("SELECT 1")  # with no floor, nothing has connected yet
+        except BaseException:
+            await pool.close()
+            raise
         log.info("Database connection established: %s", mask_url(url))
         return pool
 

@@ -76,13 +76,14 @@ ErrorCode = Literal[
     "package_not_found",
     "payload_too_large",
     "max_deliveries_exceeded",
+    "database_unavailable",  # an install or upload that needs Postgres during its outage
     # HTTP answers only, never in an event: the write gateway and the read API
     "unauthorized",
     "invalid_parameter",
     "not_found",
     "method_not_allowed",
     "http_error",
-    "database_unavailable",
+    "redis_unavailable",
 ]
 """Every ``code`` plugind puts on the wire, in events' ``error`` and in HTTP error bodies."""
 
@@ -102,6 +103,7 @@ PlainCode = Literal[
     "plugin_error",
     "result_too_large",
     "max_deliveries_exceeded",
+    "database_unavailable",
     "unauthorized",  # create_gateway_app without an API key
 ]
 """The codes raised as a plain :class:`PlugindError`: those without a subclass of their own."""

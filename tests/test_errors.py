@@ -58,6 +58,7 @@ EVENT_CODES = {
     "package_not_found",
     "payload_too_large",
     "max_deliveries_exceeded",
+    "database_unavailable",
 }
 HTTP_ONLY_CODES = {
     "unauthorized",
@@ -65,7 +66,7 @@ HTTP_ONLY_CODES = {
     "not_found",
     "method_not_allowed",
     "http_error",
-    "database_unavailable",
+    "redis_unavailable",
 }
 
 ev = EventFactory("test-node")

@@ -9,12 +9,23 @@ fill; a busy one sends fewer, larger writes.
 
 Only short, non-blocking commands belong here: a blocking ``XREADGROUP`` would hold up every
 command queued behind it.
+
+A command that meets a Redis outage (dropped connection, Redis restarting or loading) is sent
+again: at once the first time (most often one stale pooled connection after a restart), then
+with a capped backoff for as long as Redis stays away, each outage logged once through
+:mod:`plugind.outage`. A handler's commit therefore ends its request within about a second of
+Redis coming back, instead of leaving the entry for reclaim, which is meant for dead nodes.
+Everything sent through here must be safe to repeat, since a dropped connection leaves unknown
+whether Redis ran it: reads, ``XACK``, the terminal and dead-letter scripts (gated by the done
+marker and by ``XACK``, see ``bus.scripts``), and progress events (a repeat has the same
+``event_id``, which the projector logs once).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -22,19 +33,31 @@ import redis.asyncio as aioredis
 from anyio.abc import TaskStatus
 from redis.exceptions import NoScriptError
 
-log = logging.getLogger("plugind.bus")
+from plugind.outage import Dependency, retry_redis
+
+log = logging.getLogger(__name__)
 
 MAX_BATCH = 512
 
 Command = tuple[Any, ...]
 
+#: A test's stand-in for a failing network: called with each command and ``False`` before it is
+#: sent, and with ``True`` after Redis ran it. An exception it returns is what the command's
+#: caller gets instead (before: the command never reached Redis; after: it ran, but the reply was
+#: lost, the ambiguous case a retry must survive).
+FaultHook = Callable[[Command, bool], BaseException | None]
+
 
 class AutoPipeline:
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, *, outage: Dependency | None = None) -> None:
         self._redis = redis
         self._queue: list[tuple[Command, asyncio.Future[Any]]] = []
         self._wakeup = anyio.Event()
         self._running = False
+        self.outage = outage or Dependency("Redis")
+        self.fault: FaultHook | None = None
+        self._scripts_ran = False
+        self._cache_loss_logged = -60.0
         self.flushes = 0
         self.commands = 0
 
@@ -58,26 +81,63 @@ class AutoPipeline:
             self._queue.clear()
 
     async def execute(self, *command: Any) -> Any:
-        """Send ``command`` (as for ``execute_command``) with whatever else is queued."""
+        """Send ``command`` (as for ``execute_command``) with whatever else is queued.
+
+        Retried through Redis outages (see the module doc); other errors reach the caller.
+        """
+        return await retry_redis(lambda: self._send(command), self.outage)
+
+    async def evalsha(self, sha: str, source: str, keys: list[Any], args: list[Any]) -> Any:
+        """Run a script by its sha, retried through outages like :meth:`execute`.
+
+        If Redis lost its script cache (a restart, ``SCRIPT FLUSH``) the same attempt falls back
+        to ``EVAL`` with the source, which also caches the script again for the next EVALSHA: one
+        more round trip on the same path as every other command, rather than a ``SCRIPT LOAD``
+        on a connection of its own that may be a stale one from before the restart.
+        """
+        arity = (len(keys), *keys, *args)
+
+        async def attempt() -> Any:
+            try:
+                result = await self._send(("EVALSHA", sha, *arity))
+            except NoScriptError:
+                now = anyio.current_time()
+                # a first use is no news; a loss after scripts ran is, once per restart
+                if self._scripts_ran and now - self._cache_loss_logged > 60:
+                    self._cache_loss_logged = now
+                    log.info("Redis lost its script cache; running scripts from source")
+                return await self._send(("EVAL", source, *arity))
+            self._scripts_ran = True
+            return result
+
+        return await retry_redis(attempt, self.outage)
+
+    async def _send(self, command: Command) -> Any:
+        """One attempt: queue ``command`` for the flusher, or send it now if none runs."""
         if not self._running:
-            return await self._redis.execute_command(*command)  # type: ignore[no-untyped-call]
+            return await self._send_now(command)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((command, future))
         self._wakeup.set()
         return await future
 
-    async def evalsha(self, sha: str, source: str, keys: list[Any], args: list[Any]) -> Any:
-        """EVALSHA, loading the script first if Redis lost it (restart, SCRIPT FLUSH)."""
-        command = ("EVALSHA", sha, len(keys), *keys, *args)
-        try:
-            return await self.execute(*command)
-        except NoScriptError:
-            await self._redis.script_load(source)
-            return await self.execute(*command)
+    async def _send_now(self, command: Command) -> Any:
+        fault = self.fault
+        if fault is not None and (error := fault(command, False)) is not None:
+            raise error
+        result = await self._redis.execute_command(*command)  # type: ignore[no-untyped-call]
+        if fault is not None and (error := fault(command, True)) is not None:
+            raise error
+        return result
 
     async def _flush(self, batch: list[tuple[Command, asyncio.Future[Any]]]) -> None:
         self.flushes += 1
         self.commands += len(batch)
+        fault = self.fault
+        if fault is not None:
+            batch = _fail_before_send(batch, fault)
+            if not batch:
+                return
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for command, _future in batch:
@@ -96,10 +156,29 @@ class AutoPipeline:
             if not isinstance(exc, Exception):
                 raise
             return
+        if fault is not None:
+            results = [
+                fault(command, True) or result
+                for (command, _future), result in zip(batch, results, strict=True)
+            ]
         for (_command, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue  # its caller was cancelled
-            if isinstance(result, Exception):
+            if isinstance(result, BaseException):
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+
+def _fail_before_send(
+    batch: list[tuple[Command, asyncio.Future[Any]]], fault: FaultHook
+) -> list[tuple[Command, asyncio.Future[Any]]]:
+    """Fail the commands ``fault`` picks before they are sent; returns the rest."""
+    kept = []
+    for command, future in batch:
+        error = fault(command, False)
+        if error is None:
+            kept.append((command, future))
+        elif not future.done():
+            future.set_exception(error)
+    return kept

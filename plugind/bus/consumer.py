@@ -4,6 +4,12 @@ A consumer reads only as many entries as it has free slots, so nothing sits clai
 its pending list while other nodes have capacity. Entries it owns are kept alive (their idle time
 reset with ``XCLAIM … JUSTID``, which does not count as a delivery) so the reclaimer of another
 node never steals work that is merely slow.
+
+A Redis outage never ends a consumer: reads, keep-alives and reclaims retry with a capped backoff
+(so reading resumes within about a second of Redis's return) and report to the daemon's outage
+tracker, which logs one line when Redis goes and one when it is back. Running handlers go on
+meanwhile; their commits wait for Redis themselves (``bus.autopipeline``). After an outage the
+consumer also takes back entries Redis delivered to it whose reply it never got.
 """
 
 from __future__ import annotations
@@ -15,15 +21,21 @@ from typing import Any
 import anyio
 import redis.asyncio as aioredis
 from anyio.abc import TaskStatus
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from plugind.bus.codec import text
 from plugind.bus.emit import Delivery
-from plugind.bus.reclaim import reclaim_once
+from plugind.bus.reclaim import Reclaimed, reclaim_once
+from plugind.outage import (
+    Backoff,
+    Dependency,
+    describe,
+    is_postgres_outage,
+    is_redis_outage,
+    retry_redis,
+)
 
-log = logging.getLogger("plugind.bus")
+log = logging.getLogger(__name__)
 
 Handler = Callable[[Delivery], Awaitable[None]]
 
@@ -53,8 +65,10 @@ class StreamConsumer:
         reclaim_idle_s: float = 90.0,
         max_deliveries: int = 5,
         on_dead: Handler | None = None,
+        outage: Dependency | None = None,
     ) -> None:
         self._redis = redis
+        self._outage = outage or Dependency("Redis")
         self.stream = stream
         self.group = group
         self.consumer = consumer
@@ -85,15 +99,17 @@ class StreamConsumer:
         grace_s: float = 30.0,
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        await ensure_group(self._redis, self.stream, self.group)
+        await retry_redis(lambda: ensure_group(self._redis, self.stream, self.group), self._outage)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._keepalive)
             tg.start_soon(self._reclaim_loop, tg)
             task_status.started()
-            # First our own pending entries (a restart under the same consumer name), then new ones.
+            # First our own pending entries (a restart under the same consumer name), then new
+            # ones; after an outage, whatever Redis delivered to us while we could not hear it.
             await self._read_loop(tg, "0")
-            if not self._stopping.is_set():
-                await self._read_loop(tg, ">")
+            while not self._stopping.is_set():
+                if await self._read_loop(tg, ">"):
+                    await self._adopt_orphans(tg)
             with anyio.move_on_after(grace_s):
                 while self._in_flight:
                     await self._wait_slot()
@@ -106,54 +122,47 @@ class StreamConsumer:
                 )
             tg.cancel_scope.cancel()
 
-    async def _read_loop(self, tg: anyio.abc.TaskGroup, start: str) -> None:
-        backoff = 0.1
+    async def _read_loop(self, tg: anyio.abc.TaskGroup, start: str) -> bool:
+        """Read from ``start`` (``0``: our backlog, ``>``: new entries) and dispatch.
+
+        The backlog is read until drained; new entries until stopped, or until the first read
+        after an outage succeeded (then True, so the caller looks for orphans).
+        """
+        backoff = Backoff(0.1, 1.0)
+        failed = False
         while not self._stopping.is_set():
             free = self.concurrency - len(self._in_flight)
             if free <= 0:
                 await self._wait_slot()
                 continue
+            batch: tuple[list[tuple[str, dict[bytes, bytes]]], dict[str, int]] | None = None
             with anyio.CancelScope() as scope:
                 self._read_scope = scope
                 if self._stopping.is_set():
                     break
                 try:
-                    reply = await self._redis.xreadgroup(
-                        self.group,
-                        self.consumer,
-                        {self.stream: start},
-                        count=free,
-                        block=None if start == "0" else self._block_ms,
-                    )
-                    backoff = 0.1
-                except ResponseError as exc:
-                    if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
+                    batch = await self._read(start, free)
+                except Exception as exc:
+                    if not is_redis_outage(exc):
                         raise
-                    # someone deleted the stream or the group under us: recreate, carry on
-                    log.warning("%s on %s; recreating the group", exc, self.stream)
-                    await ensure_group(self._redis, self.stream, self.group)
-                    continue
-                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                    log.warning(
-                        "Reading %s failed (%s); retrying in %.1fs", self.stream, exc, backoff
-                    )
-                    await anyio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
-                    continue
+                    failed = True
+                    self._outage.failed(exc)
+                    await backoff.sleep()
             self._read_scope = None
             if scope.cancel_called:
                 break
-            entries = _entries(reply)
-            if start != ">" and not entries:
-                return  # our backlog is drained
-            counts: dict[str, int] = {}
+            if batch is None:
+                continue
+            self._outage.ok()
+            backoff.reset()
+            entries, counts = batch
             if start != ">":
-                counts = await self._delivery_counts(entries)
+                if not entries:
+                    return False  # our backlog is drained
                 start = entries[-1][0]  # the backlog is read by id: move past what we have
             for entry_id, fields in entries:
-                if not fields:  # trimmed while pending: nothing left to run
-                    await self._redis.xack(self.stream, self.group, entry_id)
-                    continue
+                if not fields or entry_id in self._in_flight:
+                    continue  # trimmed while pending (acknowledged by _read), or running
                 deliveries = counts.get(entry_id, 1)
                 if deliveries > self._max_deliveries and self._on_dead is not None:
                     # our own backlog after a restart: an entry that keeps killing this node
@@ -164,6 +173,37 @@ class StreamConsumer:
                     )
                     continue
                 self.dispatch(tg, Delivery(self.stream, entry_id, fields, deliveries))
+            if failed and start == ">":
+                return True
+        return False
+
+    async def _read(
+        self, start: str, count: int
+    ) -> tuple[list[tuple[str, dict[bytes, bytes]]], dict[str, int]]:
+        """One read: the entries, and for the backlog how often each was delivered."""
+        try:
+            reply = await self._redis.xreadgroup(
+                self.group,
+                self.consumer,
+                {self.stream: start},
+                count=count,
+                block=None if start != ">" else self._block_ms,
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
+                raise
+            # someone deleted the stream or the group under us: recreate, carry on
+            log.warning("%s on %s; recreating the group", exc, self.stream)
+            await ensure_group(self._redis, self.stream, self.group)
+            return [], {}
+        entries = _entries(reply)
+        counts: dict[str, int] = {}
+        if start != ">" and entries:
+            counts = await self._delivery_counts(entries)
+        trimmed = [entry_id for entry_id, fields in entries if not fields]
+        if trimmed:  # nothing left to run
+            await self._redis.xack(self.stream, self.group, *trimmed)
+        return entries, counts
 
     async def _delivery_counts(
         self, entries: list[tuple[str, dict[bytes, bytes]]]
@@ -187,10 +227,21 @@ class StreamConsumer:
     async def _run_one(self, delivery: Delivery) -> None:
         try:
             await self._handler(delivery)
-        except Exception:
+        except Exception as exc:
             # The entry stays pending: another delivery (reclaim) retries it, and after
             # PLUGIND_MAX_DELIVERIES it is dead-lettered. The consumer itself goes on.
-            log.exception("Handler failed on %s %s; left pending", self.stream, delivery.entry_id)
+            if is_redis_outage(exc) or is_postgres_outage(exc):
+                # the outage itself is logged once by the tracker; no traceback per entry
+                log.warning(
+                    "Handler of %s %s met an outage (%s); left pending",
+                    self.stream,
+                    delivery.entry_id,
+                    describe(exc),
+                )
+            else:
+                log.exception(
+                    "Handler failed on %s %s; left pending", self.stream, delivery.entry_id
+                )
         finally:
             self._in_flight.discard(delivery.entry_id)
             self._slot_freed.set()
@@ -210,8 +261,19 @@ class StreamConsumer:
                 await self._redis.xclaim(
                     self.stream, self.group, self.consumer, 0, ids, justid=True
                 )
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                log.warning("Keep-alive of %d %s entries failed: %s", len(ids), self.stream, exc)
+            except Exception as exc:
+                # A missed keep-alive only ages the entries a little: the next one catches up
+                # long before another node's reclaim (a few intervals) would take them.
+                if is_redis_outage(exc):
+                    self._outage.failed(exc)
+                elif isinstance(exc, ResponseError):
+                    log.warning(
+                        "Keep-alive of %d %s entries failed: %s", len(ids), self.stream, exc
+                    )
+                else:
+                    raise
+            else:
+                self._outage.ok()
 
     async def reclaim(self, tg: anyio.abc.TaskGroup) -> int:
         """Take over stale entries of other consumers once; returns how many were taken."""
@@ -225,13 +287,45 @@ class StreamConsumer:
             max_deliveries=self._max_deliveries,
             limit=max(self.concurrency - len(self._in_flight), 0),
         )
+        return self._take(tg, found, "Reclaimed")
+
+    async def _adopt_orphans(self, tg: anyio.abc.TaskGroup) -> None:
+        """After an outage: run our own pending entries that no handler of ours is running.
+
+        If a read's reply was lost with the connection, Redis counts its entries as delivered to
+        us, yet nobody runs them; without this they would wait for a reclaim (task timeout plus
+        grace). Only our own entries are taken, whatever their idle time.
+        """
+        try:
+            found = await retry_redis(
+                lambda: reclaim_once(
+                    self._redis,
+                    stream=self.stream,
+                    group=self.group,
+                    consumer=self.consumer,
+                    in_flight=self._in_flight,
+                    min_idle_ms=0,
+                    max_deliveries=self._max_deliveries,
+                    limit=max(self.concurrency - len(self._in_flight), 0),
+                    owner=self.consumer,
+                ),
+                self._outage,
+            )
+        except ResponseError as exc:  # e.g. the group vanished: the next read recreates it
+            log.warning("Looking for orphaned %s entries failed: %s", self.stream, exc)
+            return
+        self._take(tg, found, "Took back")
+
+    def _take(self, tg: anyio.abc.TaskGroup, found: Reclaimed, verb: str) -> int:
         for delivery in found.run:
+            if delivery.entry_id in self._in_flight:
+                continue  # the reclaim loop and an adoption both claimed it: run it once
             log.info(
-                "Reclaimed %s %s (delivery %d)", self.stream, delivery.entry_id, delivery.deliveries
+                "%s %s %s (delivery %d)", verb, self.stream, delivery.entry_id, delivery.deliveries
             )
             self.dispatch(tg, delivery)
         for delivery in found.dead:
-            if self._on_dead is not None:
+            if self._on_dead is not None and delivery.entry_id not in self._in_flight:
                 self._in_flight.add(delivery.entry_id)
                 tg.start_soon(self._run_dead, delivery)
         return len(found.run) + len(found.dead)
@@ -254,8 +348,16 @@ class StreamConsumer:
                 return
             try:
                 await self.reclaim(tg)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                log.warning("Reclaiming on %s failed: %s", self.stream, exc)
+            except Exception as exc:
+                # reclaim is a safety net that runs again in a moment: never end the consumer
+                if is_redis_outage(exc):
+                    self._outage.failed(exc)
+                elif isinstance(exc, ResponseError):
+                    log.warning("Reclaiming on %s failed: %s", self.stream, exc)
+                else:
+                    raise
+            else:
+                self._outage.ok()
 
 
 def _entries(reply: Any) -> list[tuple[str, dict[bytes, bytes]]]:

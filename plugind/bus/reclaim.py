@@ -3,6 +3,9 @@
 No lock is needed: ``XCLAIM`` with a min-idle time succeeds for only one claimer, because the
 claim itself resets the idle time. Owners keep their live entries' idle time low (see
 ``consumer``), so only entries of dead or wedged consumers reach ``min_idle_ms``.
+
+Reclaim is for dead nodes. A live node rides out a Redis outage itself (its commits wait for
+Redis, see ``bus.autopipeline``), and after one takes back its own orphans (``owner``) at once.
 """
 
 from __future__ import annotations
@@ -32,19 +35,29 @@ async def reclaim_once(
     min_idle_ms: int,
     max_deliveries: int,
     limit: int,
+    owner: str | None = None,
 ) -> Reclaimed:
     """Claim up to ``limit`` stale entries; those delivered ``max_deliveries`` times go to ``dead``.
 
     Deliveries are counted as Redis counts them: the claim here is one more delivery. A dead
-    entry's ``deliveries`` is how often a handler really got it.
+    entry's ``deliveries`` is how often a handler really got it. With ``owner``, only entries
+    pending for that consumer are looked at (a consumer taking back its own orphans).
     """
     out = Reclaimed()
     if limit <= 0:
         return out
     pending: list[dict[str, Any]] = await redis.xpending_range(
-        stream, group, min="-", max="+", count=limit, idle=min_idle_ms
+        stream,
+        group,
+        min="-",
+        max="+",
+        count=limit + len(in_flight) if owner else limit,
+        consumername=owner,
+        idle=min_idle_ms or None,
     )
     for item in pending:
+        if len(out.run) + len(out.dead) >= limit:
+            break
         entry_id = text(item["message_id"])
         if entry_id in in_flight:
             continue  # ours and running: not stale, merely slow

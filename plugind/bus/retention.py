@@ -16,14 +16,13 @@ from typing import Any
 import anyio
 import asyncpg
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError, ResponseError
 
 from plugind.bus.codec import text
 from plugind.bus.keys import Keys
+from plugind.outage import Outages, is_postgres_outage, is_redis_outage
 
-log = logging.getLogger("plugind.bus")
+log = logging.getLogger(__name__)
 
 
 def _parse(entry_id: str) -> tuple[int, int]:
@@ -85,19 +84,42 @@ async def events_ceiling(db: asyncpg.Pool) -> str | None:
 
 
 async def run_retention(
-    redis: aioredis.Redis, db: asyncpg.Pool, keys: Keys, *, retention_s: float, every_s: float = 60
+    redis: aioredis.Redis,
+    db: asyncpg.Pool,
+    keys: Keys,
+    *,
+    retention_s: float,
+    every_s: float = 60,
+    outages: Outages | None = None,
 ) -> None:
-    """Trim the command and events streams every ``every_s`` seconds, forever."""
+    """Trim the command and events streams every ``every_s`` seconds, forever.
+
+    A round that meets an outage is skipped (trimming can always wait): the outage is reported
+    to ``outages``, which logs it once, and the next round comes sooner than usual.
+    """
+    outages = outages or Outages()
     while True:
+        delay = every_s
         try:
             removed = 0
             for stream in keys.command_streams:
                 removed += await trim_stream(redis, stream, retention_s=retention_s)
+            ceiling = await events_ceiling(db)
+            outages.postgres.ok()
             removed += await trim_stream(
-                redis, keys.events, retention_s=retention_s, ceiling=await events_ceiling(db)
+                redis, keys.events, retention_s=retention_s, ceiling=ceiling
             )
+            outages.redis.ok()
             if removed:
                 log.info("Trimmed %d stream entries older than %.0fs", removed, retention_s)
-        except (RedisConnectionError, RedisTimeoutError, OSError, asyncpg.PostgresError) as exc:
-            log.warning("Stream retention skipped a round: %s", exc)
-        await anyio.sleep(every_s)
+        except Exception as exc:
+            if is_redis_outage(exc):
+                outages.redis.failed(exc)
+            elif is_postgres_outage(exc):
+                outages.postgres.failed(exc)
+            elif isinstance(exc, RedisError | asyncpg.PostgresError):
+                log.warning("Stream retention skipped a round: %r", exc)
+            else:
+                raise
+            delay = min(every_s, 5.0)
+        await anyio.sleep(delay)

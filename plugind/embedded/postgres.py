@@ -78,12 +78,15 @@ class _RunAs:
         return options
 
 
-def start_embedded_postgres(data_dir: Path) -> EmbeddedServer:
+def start_embedded_postgres(data_dir: Path, *, port: int | None = None) -> EmbeddedServer:
     """Start Postgres on ``data_dir`` (initdb on first use) and return once it takes connections.
 
     A server left on the same dir by a crashed run is shut down and a stale ``postmaster.pid``
     removed first: its pid may now belong to another process (after a container restart, or as a
     zombie where PID 1 does not reap), and postgres would refuse to start.
+
+    ``port`` pins the port (no fallback), so a test that stops and starts the server finds it at
+    the same URL.
     """
     data_dir = data_dir.resolve()
     data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +105,10 @@ def start_embedded_postgres(data_dir: Path) -> EmbeddedServer:
             (data_dir / "postmaster.pid").unlink(missing_ok=True)
         else:
             _init(data_dir, run_as)
-        port = _launch(data_dir, run_as)
+        if port is None:
+            port = _launch(data_dir, run_as)
+        else:
+            _launch_on(data_dir, port, run_as)
     except BaseException:
         lock.release()
         raise

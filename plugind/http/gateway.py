@@ -6,11 +6,16 @@ independently of the workers. Every request needs ``X-Api-Key``.
 A request that cannot be carried out raises a :class:`~plugind.errors.PlugindError`; the app's
 exception handlers answer ``{"error": {"code", "message"}}`` with the status of the error's
 family (:data:`ERROR_STATUS`), so the routes raise what went wrong and never pick a status.
+
+During an outage a request that needs the missing dependency gets a 503 naming it
+(``redis_unavailable``: nothing can be published; ``database_unavailable``: uploads and installs
+by identifier), not a 500 with a traceback in the log; an open event stream waits for Redis.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
@@ -43,9 +48,18 @@ from plugind.messages import (
     encode,
     is_terminal,
 )
+from plugind.outage import (
+    Backoff,
+    Outages,
+    describe,
+    is_postgres_outage,
+    is_redis_outage,
+)
 from plugind.package.difypkg import read_package
 from plugind.projections.package_store import get_package_by_identifier, store_package
 from plugind.projections.queries import get_checkpoint, query_events
+
+log = logging.getLogger(__name__)
 
 MAX_JSON_BODY = 8 * 1024 * 1024
 MAX_WAIT_S = 300.0
@@ -73,11 +87,17 @@ class _ApiKey(BaseHTTPMiddleware):
 
 class _Gateway:
     def __init__(
-        self, redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys, settings: Settings
+        self,
+        redis: aioredis.Redis,
+        pool: asyncpg.Pool,
+        keys: Keys,
+        settings: Settings,
+        outages: Outages,
     ) -> None:
         self.client = Client(redis, keys)
         self.pool = pool
         self.settings = settings
+        self.outages = outages
 
     async def _body(self, request: Request, limit: int) -> bytes:
         declared = request.headers.get("content-length")
@@ -189,7 +209,11 @@ class _Gateway:
             async with self.pool.acquire() as conn:
                 checkpoint = await get_checkpoint(conn)
                 page = await query_events(conn, request_id=request_id, limit=1000)
-        except (asyncpg.PostgresError, OSError):
+        except Exception as exc:
+            if not (is_postgres_outage(exc) or isinstance(exc, asyncpg.PostgresError)):
+                raise
+            if is_postgres_outage(exc):
+                self.outages.postgres.failed(exc)
             checkpoint, page = None, None  # read it all from the stream instead
         if checkpoint is not None and page is not None and checkpoint.last_stream_id:
             cursor = checkpoint.last_stream_id
@@ -202,8 +226,18 @@ class _Gateway:
         redis, keys = self.client.redis, self.client.keys
         needle = request_id.encode()
         idle_since = anyio.current_time()
+        backoff = Backoff(0.1, 1.0)
         while True:
-            reply: Any = await redis.xread({keys.events: cursor}, count=1000, block=5000)
+            try:
+                reply: Any = await redis.xread({keys.events: cursor}, count=1000, block=5000)
+            except Exception as exc:
+                if not is_redis_outage(exc):
+                    raise
+                self.outages.redis.failed(exc)  # keep the stream open: Redis may be back soon
+                yield b": waiting for Redis\n\n"
+                await backoff.sleep()
+                continue
+            backoff.reset()
             if not reply:
                 yield b": keep-alive\n\n"
                 if anyio.current_time() - idle_since > 3600:
@@ -253,6 +287,32 @@ ERROR_STATUS: Final[dict[type[PlugindError], int]] = {
 an exception's MRO, so a subclass listed here wins over :class:`PlugindError`."""
 
 
+def _outage_guard(handler: Any, outages: Outages) -> Any:
+    async def endpoint(request: Request) -> Response:
+        try:
+            response: Response = await handler(request)
+            return response
+        except Exception as exc:
+            # the tracker logs the outage once; no traceback per request
+            if is_redis_outage(exc):
+                outages.redis.failed(exc)
+                return _error(
+                    503,
+                    "redis_unavailable",
+                    f"Redis is unreachable ({describe(exc)}); nothing was published, "
+                    "try again once it is back",
+                )
+            if is_postgres_outage(exc):
+                outages.postgres.failed(exc)
+                return _error(
+                    503,
+                    "database_unavailable",
+                    f"this request needs Postgres, which is unreachable ({describe(exc)}); "
+                    "try again once it is back",
+                )
+            raise
+
+
 def _answer_with(status: int) -> Callable[[Request, Exception], Awaitable[Response]]:
     async def handler(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, PlugindError)
@@ -262,16 +322,25 @@ def _answer_with(status: int) -> Callable[[Request, Exception], Awaitable[Respon
 
 
 def create_gateway_app(
-    *, redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys, settings: Settings
+    *,
+    redis: aioredis.Redis,
+    pool: asyncpg.Pool,
+    keys: Keys,
+    settings: Settings,
+    outages: Outages | None = None,
 ) -> Starlette:
     if not settings.api_key:
         raise PlugindError("unauthorized", "the gateway refuses to start without PLUGIND_API_KEY")
-    gw = _Gateway(redis, pool, keys, settings)
+    outages = outages or Outages()
+    gw = _Gateway(redis, pool, keys, settings, outages)
+    guarded = [
+        ("/api/v1/packages", gw.upload_package, "POST"),
+        ("/api/v1/plugins/install", gw.install, "POST"),
+        ("/api/v1/plugins/{author}/{name}", gw.uninstall, "DELETE"),
+        ("/api/v1/tasks", gw.task, "POST"),
+    ]
     routes = [
-        Route("/api/v1/packages", gw.upload_package, methods=["POST"]),
-        Route("/api/v1/plugins/install", gw.install, methods=["POST"]),
-        Route("/api/v1/plugins/{author}/{name}", gw.uninstall, methods=["DELETE"]),
-        Route("/api/v1/tasks", gw.task, methods=["POST"]),
+        *(Route(path, _outage_guard(h, outages), methods=[m]) for path, h, m in guarded),
         Route("/api/v1/tasks/{request_id}/events", gw.task_events, methods=["GET"]),
     ]
     return Starlette(

@@ -1,7 +1,9 @@
 """``GET /health``: one bounded probe per dependency, folded into one verdict (docs/operations.md).
 
 Every probe has its own short deadline, so a dead Postgres or a hung Redis turns into a 503
-naming it within seconds instead of a request that hangs as long as the dependency does.
+naming it within seconds instead of a request that hangs as long as the dependency does. Probes
+are made afresh on every request (nothing cached), so the answer is 200 again as soon as the
+dependency answers; they also report to the daemon's outage trackers (``plugind.outage``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from plugind.bus.keys import Keys
+from plugind.outage import Dependency, Outages, is_postgres_outage, is_redis_outage
 from plugind.projections.lag import projector_lag
 from plugind.projections.projector import EVENT_LOG_CHECKPOINT, projector_lock_key
 
@@ -30,6 +33,7 @@ class Probe:
     latency_ms: float
     error: str | None = None
     value: Any = None
+    exception: BaseException | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,19 +64,36 @@ def _describe(exc: BaseException) -> str:
 async def probe(check: Callable[[], Awaitable[T]], timeout: float = PROBE_TIMEOUT_S) -> Probe:
     """Run ``check`` under a deadline; any failure becomes a ``Probe`` with its error."""
     started = time.perf_counter()
+    exception: BaseException | None = None
     try:
         with anyio.fail_after(timeout):
             value = await check()
-    except TimeoutError:
+    except TimeoutError as exc:
         error: str | None = f"no answer within {timeout:g}s"
+        exception = exc
     except Exception as exc:  # a probe reports any failure rather than raising it
         error = _describe(exc)
+        exception = exc
     else:
         error = None
     elapsed = round((time.perf_counter() - started) * 1000, 3)
     if error is not None:
-        return Probe(False, elapsed, error)
+        return Probe(False, elapsed, error, exception=exception)
     return Probe(True, elapsed, value=value)
+
+
+def _report(
+    result: Probe, state: Dependency | None, is_outage: Callable[[BaseException], bool]
+) -> None:
+    """Tell the outage tracker what a probe found (a timeout counts as an outage)."""
+    if state is None:
+        return
+    if result.ok:
+        state.ok()
+    elif result.exception is not None and (
+        isinstance(result.exception, TimeoutError) or is_outage(result.exception)
+    ):
+        state.failed(result.error or _describe(result.exception))
 
 
 def _advisory_parts(key: int) -> tuple[int, int]:
@@ -110,8 +131,13 @@ async def check_health(
     version: str,
     lag_threshold: int,
     timeout: float = PROBE_TIMEOUT_S,
+    outages: Outages | None = None,
 ) -> HealthReport:
-    """Probe Redis, Postgres and the projector concurrently and fold them into one report."""
+    """Probe Redis, Postgres and the projector concurrently and fold them into one report.
+
+    A dependency that is down is named with its error (and, when ``outages`` tracks it, how
+    long it has been down).
+    """
     results: dict[str, Probe] = {}
 
     async def run(name: str, check: Callable[[], Awaitable[Any]]) -> None:
@@ -122,6 +148,8 @@ async def check_health(
         tg.start_soon(run, "postgres", lambda: _postgres_state(pool, keys))
         tg.start_soon(run, "lag", lambda: projector_lag(redis, keys))
 
+    _report(results["redis"], outages.redis if outages else None, is_redis_outage)
+    _report(results["postgres"], outages.postgres if outages else None, is_postgres_outage)
     components: dict[str, dict[str, Any]] = {}
     for name in ("redis", "postgres"):
         result = results[name]
@@ -130,6 +158,9 @@ async def check_health(
             if result.ok
             else {"status": "down", "error": result.error}
         )
+        state = getattr(outages, name) if outages else None
+        if not result.ok and state is not None and state.down_for is not None:
+            components[name]["down_for_s"] = round(state.down_for, 1)
     lag, pg = results["lag"], results["postgres"]
     projector: dict[str, Any] = {"lag": lag.value if lag.ok else None}
     if pg.ok:

@@ -3,6 +3,8 @@
 Nothing is kept in the process: each scrape reads the read models and the stream's lag, builds
 metric families into a fresh ``CollectorRegistry`` and renders it. So several apps (or tests) in
 one process never share or double-register collectors, and every node reports the same numbers.
+The one exception is what only this node can know, the outages it saw: the daemon's outage
+trackers (``plugind.outage``) are read at scrape time into counters, per node.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from typing import Any, Final
 
 import asyncpg
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 
 from plugind.bus.keys import Keys
 from plugind.http.health import probe
+from plugind.outage import Outages
 from plugind.projections.lag import projector_lag
 from plugind.projections.queries import count_by_status, get_checkpoint
 from plugind.projections.read_models import PLUGIN_STATUSES, TASK_STATUSES
@@ -67,10 +70,33 @@ async def _database_metrics(pool: asyncpg.Pool) -> list[Any]:
     return [task_family, plugin_family, position, durations]
 
 
-async def render_metrics(redis: Redis, pool: asyncpg.Pool, keys: Keys) -> bytes:
+def outage_metrics(outages: Outages) -> list[Any]:
+    """Counters of the outages this node saw per dependency: how many, and how long in all."""
+    count = CounterMetricFamily(
+        "plugind_dependency_outages",
+        "Outages of a dependency this node saw (unreachable, then reachable again)",
+        labels=["dependency"],
+    )
+    seconds = CounterMetricFamily(
+        "plugind_dependency_outage_seconds",
+        "Total seconds a dependency was unreachable from this node, the current outage included",
+        labels=["dependency"],
+    )
+    for dependency in outages:
+        label = dependency.name.lower()
+        count.add_metric([label], dependency.outages)
+        seconds.add_metric([label], round(dependency.down_seconds, 3))
+    return [count, seconds]
+
+
+async def render_metrics(
+    redis: Redis, pool: asyncpg.Pool, keys: Keys, outages: Outages | None = None
+) -> bytes:
     """The Prometheus text exposition of the current state; never raises for a dead dependency."""
     up = GaugeMetricFamily("plugind_up", "Whether a dependency answered", labels=["component"])
     families: list[Any] = [up]
+    if outages is not None:
+        families.extend(outage_metrics(outages))
     db = await probe(lambda: _database_metrics(pool))
     up.add_metric(["postgres"], 1 if db.ok else 0)
     if db.ok:

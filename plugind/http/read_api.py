@@ -26,6 +26,7 @@ from plugind.bus.keys import Keys
 from plugind.errors import BadParameterError, ErrorCode
 from plugind.http.health import check_health
 from plugind.http.metrics import render_metrics
+from plugind.outage import Outages, describe, is_postgres_outage
 from plugind.projections.queries import (
     MAX_EVENTS_LIMIT,
     get_task,
@@ -111,18 +112,38 @@ def create_read_app(
     keys: Keys,
     version: str,
     lag_threshold: int = 10_000,
+    outages: Outages | None = None,
 ) -> Starlette:
-    """The read API app; it owns nothing, so closing ``redis`` and ``pool`` is the caller's job."""
+    """The read API app; it owns nothing, so closing ``redis`` and ``pool`` is the caller's job.
+
+    ``outages`` (the daemon's trackers) feeds ``/health``'s probes into the outage log and
+    ``/metrics``'s outage counters.
+    """
 
     async def health(request: Request) -> Response:
         report = await check_health(
-            redis=redis, pool=pool, keys=keys, version=version, lag_threshold=lag_threshold
+            redis=redis,
+            pool=pool,
+            keys=keys,
+            version=version,
+            lag_threshold=lag_threshold,
+            outages=outages,
         )
         return JSONResponse(report.to_dict(), status_code=report.http_status)
 
     async def metrics(request: Request) -> Response:
-        body = await render_metrics(redis, pool, keys)
+        body = await render_metrics(redis, pool, keys, outages)
         return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)
+
+    async def database_unavailable(request: Request, exc: Exception) -> Response:
+        if is_postgres_outage(exc):
+            if outages is not None:
+                outages.postgres.failed(exc)  # logged once per outage, not once per request
+            message = f"Postgres is unreachable ({describe(exc)}); try again once it is back"
+        else:
+            log.error("Read API %s %s failed: %r", request.method, request.url.path, exc)
+            message = f"the database did not answer: {exc!r}"
+        return error_response(503, "database_unavailable", message)
 
     async def stats(request: Request) -> Response:
         q = request.query_params
@@ -184,10 +205,10 @@ def create_read_app(
         exception_handlers={
             BadParameterError: _bad_parameter,
             HTTPException: _http_error,
-            asyncpg.PostgresError: _database_unavailable,
-            asyncpg.InterfaceError: _database_unavailable,
-            OSError: _database_unavailable,
-            TimeoutError: _database_unavailable,
+            asyncpg.PostgresError: database_unavailable,
+            asyncpg.InterfaceError: database_unavailable,
+            OSError: database_unavailable,
+            TimeoutError: database_unavailable,
         },
     )
 
@@ -201,8 +222,3 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     codes: dict[int, ErrorCode] = {404: "not_found", 405: "method_not_allowed"}
     code: ErrorCode = codes.get(exc.status_code, "http_error")
     return error_response(exc.status_code, code, str(exc.detail))
-
-
-async def _database_unavailable(request: Request, exc: Exception) -> Response:
-    log.error("Read API %s %s failed: %r", request.method, request.url.path, exc)
-    return error_response(503, "database_unavailable", f"the database did not answer: {exc!r}")

@@ -18,6 +18,7 @@ import yaml
 
 from plugind.config import Settings
 from plugind.errors import PlugindError
+from plugind.outage import Dependency, needs_postgres
 from plugind.package.difypkg import PluginPackage, install_dir, read_package
 from plugind.package.extract import extract
 from plugind.projections.package_store import get_package_by_identifier
@@ -38,9 +39,12 @@ class LocalPlugin:
 
 
 class LocalPlugins:
-    def __init__(self, settings: Settings, db: asyncpg.Pool) -> None:
+    def __init__(
+        self, settings: Settings, db: asyncpg.Pool, *, postgres: Dependency | None = None
+    ) -> None:
         self._settings = settings
         self._db = db
+        self._postgres = postgres
         self._ready: dict[str, LocalPlugin] = {}
         self._locks: dict[str, anyio.Lock] = {}
 
@@ -94,7 +98,9 @@ class LocalPlugins:
         return LocalPlugin(identifier, workdir, python, entrypoint)
 
     async def _from_store(self, identifier: str) -> PluginPackage:
-        stored = await get_package_by_identifier(self._db, identifier)
+        # the one step of running a task that needs Postgres, and only on a node's first use
+        with needs_postgres(f"materialising {identifier} on this node", self._postgres):
+            stored = await get_package_by_identifier(self._db, identifier)
         if stored is None:
             raise PlugindError(
                 "unknown_plugin", f"package {identifier} is not in the package store"

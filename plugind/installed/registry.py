@@ -2,7 +2,8 @@
 
 Backed by the ``installed`` hash, which changes in the same atomic step as the terminal
 install/uninstall event (see ``bus.scripts``), so it is never behind the events the way a
-projection may be.
+projection may be. It is also why tasks keep running while Postgres is down: resolving a
+plugin needs Redis alone.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from plugind.bus.autopipeline import AutoPipeline
 from plugind.bus.codec import text
 from plugind.bus.keys import Keys, installed_field
 from plugind.errors import PlugindError
+from plugind.outage import Dependency, needs_postgres
 from plugind.package.difypkg import parse_identifier
 from plugind.projections.package_store import get_package_by_identifier
 
@@ -27,11 +29,14 @@ class Registry:
         keys: Keys,
         db: asyncpg.Pool,
         pipeline: AutoPipeline | None = None,
+        *,
+        postgres: Dependency | None = None,
     ) -> None:
         self._redis = redis
         self._pipeline = pipeline or AutoPipeline(redis)
         self._keys = keys
         self._db = db
+        self._postgres = postgres
         self._known_identifiers: set[str] = set()
 
     async def installed(self, tenant_id: str, plugin_id: str) -> str | None:
@@ -67,7 +72,7 @@ class Registry:
 
     async def in_use(self, identifier: str) -> bool:
         """Whether any tenant still has ``identifier`` installed."""
-        values: Any = await self._redis.hvals(self._keys.installed)
+        values: Any = await self._pipeline.execute("HVALS", self._keys.installed)
         return any(text(v) == identifier for v in values)
 
     async def resolve(self, tenant_id: str, plugin_ref: str) -> tuple[str, str]:
@@ -76,8 +81,14 @@ class Registry:
             author, name, _version, _checksum = parse_identifier(plugin_ref)
             plugin_id = f"{author}/{name}"
             if plugin_ref not in self._known_identifiers:
-                if await get_package_by_identifier(self._db, plugin_ref) is None:
-                    raise PlugindError("unknown_plugin", f"no package {plugin_ref} is in the store")
+                # an installed version's package is in the store: only others need Postgres
+                if not await self.in_use(plugin_ref):
+                    with needs_postgres(f"running {plugin_ref}", self._postgres):
+                        stored = await get_package_by_identifier(self._db, plugin_ref)
+                    if stored is None:
+                        raise PlugindError(
+                            "unknown_plugin", f"no package {plugin_ref} is in the store"
+                        )
                 self._known_identifiers.add(plugin_ref)
             return plugin_id, plugin_ref
         if plugin_ref.count("/") != 1 or not all(plugin_ref.split("/")):
