@@ -287,7 +287,10 @@ ERROR_STATUS: Final[dict[type[PlugindError], int]] = {
 an exception's MRO, so a subclass listed here wins over :class:`PlugindError`."""
 
 
-def _outage_guard(handler: Any, outages: Outages) -> Any:
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _outage_guard(handler: Endpoint, outages: Outages) -> Endpoint:
     async def endpoint(request: Request) -> Response:
         try:
             response: Response = await handler(request)
@@ -311,6 +314,8 @@ def _outage_guard(handler: Any, outages: Outages) -> Any:
                     "try again once it is back",
                 )
             raise
+
+    return endpoint
 
 
 def _answer_with(status: int) -> Callable[[Request, Exception], Awaitable[Response]]:
