@@ -26,6 +26,7 @@ from plugind import __version__
 from plugind.bus.consumer import StreamConsumer, ensure_group
 from plugind.bus.emit import Emitter
 from plugind.bus.keys import WORKERS_GROUP, Keys
+from plugind.bus.nodes import REPORT_INTERVAL_S, run_reports
 from plugind.bus.retention import run_retention
 from plugind.config import ConfigError, Settings, mask_url
 from plugind.handlers.context import HandlerContext
@@ -38,7 +39,7 @@ from plugind.projections.migrate import migrate
 from plugind.projections.projector import Projector
 from plugind.runtime.pool import PluginPool
 
-log = logging.getLogger("plugind")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -68,6 +69,7 @@ class Daemon:
     roles: tuple[str, ...] = ALL_ROLES
     shutdown_grace_s: float = 30.0
     handle_signals: bool = True
+    report_interval_s: float = REPORT_INTERVAL_S  # how often a worker publishes its pool
     redis: aioredis.Redis | None = None
     db: asyncpg.Pool | None = None
     ports: dict[str, int] = field(default_factory=dict)
@@ -157,6 +159,17 @@ class Daemon:
                     restored,
                 )
             await tg.start(context.emitter.pipeline.run)
+            tg.start_soon(
+                partial(
+                    run_reports,
+                    self.redis,
+                    keys,
+                    node=settings.node,
+                    version=__version__,
+                    snapshot=self.plugins.snapshot,
+                    interval=self.report_interval_s,
+                )
+            )
             dispatcher = Dispatcher(context)
             limits = {
                 keys.install: (settings.install_concurrency, settings.install_timeout),
@@ -194,7 +207,14 @@ class Daemon:
         if "api" in self.roles:
             from plugind.http.read_api import create_read_app
 
-            app = create_read_app(redis=self.redis, pool=self.db, keys=keys, version=__version__)
+            app = create_read_app(
+                redis=self.redis,
+                pool=self.db,
+                keys=keys,
+                version=__version__,
+                # a process without the worker role runs no plugin: its pool would look idle
+                plugin_pool=self.plugins if "worker" in self.roles else None,
+            )
             servers.append(await self._serve(tg, "api", app, settings.http_port))
         if "gateway" in self.roles:
             if settings.api_key:

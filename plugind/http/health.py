@@ -14,11 +14,14 @@ from typing import Any, Final, TypeVar
 
 import anyio
 import asyncpg
+import msgspec
 from redis.asyncio import Redis
 
 from plugind.bus.keys import Keys
 from plugind.projections.lag import projector_lag
 from plugind.projections.projector import EVENT_LOG_CHECKPOINT, projector_lock_key
+from plugind.runtime.pool import PluginPool
+from plugind.runtime.pool_report import pool_report
 
 PROBE_TIMEOUT_S: Final = 2.0
 T = TypeVar("T")
@@ -37,7 +40,7 @@ class HealthReport:
     status: str  # healthy | degraded | unhealthy
     timestamp: str
     version: str
-    components: dict[str, dict[str, Any]] = field(default_factory=dict)
+    components: dict[str, dict[str, Any] | None] = field(default_factory=dict)
 
     @property
     def http_status(self) -> int:
@@ -110,8 +113,14 @@ async def check_health(
     version: str,
     lag_threshold: int,
     timeout: float = PROBE_TIMEOUT_S,
+    plugins: PluginPool | None = None,
 ) -> HealthReport:
-    """Probe Redis, Postgres and the projector concurrently and fold them into one report."""
+    """Probe Redis, Postgres and the projector concurrently and fold them into one report.
+
+    ``plugins`` is this process's plugin pool, shown as ``components.plugins``; ``None`` (shown
+    as ``null``) when the process runs no worker, whose pool would always look empty. The pool
+    does not change the verdict: a plugin that fails is its tasks' business, not the daemon's.
+    """
     results: dict[str, Probe] = {}
 
     async def run(name: str, check: Callable[[], Awaitable[Any]]) -> None:
@@ -122,7 +131,7 @@ async def check_health(
         tg.start_soon(run, "postgres", lambda: _postgres_state(pool, keys))
         tg.start_soon(run, "lag", lambda: projector_lag(redis, keys))
 
-    components: dict[str, dict[str, Any]] = {}
+    components: dict[str, dict[str, Any] | None] = {}
     for name in ("redis", "postgres"):
         result = results[name]
         components[name] = (
@@ -141,6 +150,9 @@ async def check_health(
     else:
         projector["status"] = "up"
     components["projector"] = projector
+    components["plugins"] = (
+        msgspec.to_builtins(pool_report(plugins.snapshot())) if plugins is not None else None
+    )
 
     if not (results["redis"].ok and pg.ok):
         status = "unhealthy"

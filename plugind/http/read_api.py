@@ -32,6 +32,7 @@ from plugind.projections.queries import (
     query_events,
 )
 from plugind.projections.stats import task_stats
+from plugind.runtime.pool import PluginPool
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +115,22 @@ def create_read_app(
     keys: Keys,
     version: str,
     lag_threshold: int = 10_000,
+    plugin_pool: PluginPool | None = None,
 ) -> Starlette:
-    """The read API app; it owns nothing, so closing ``redis`` and ``pool`` is the caller's job."""
+    """The read API app; it owns nothing, so closing ``redis`` and ``pool`` is the caller's job.
+
+    ``plugin_pool`` is the plugin pool of this process, for ``/health``; ``None`` where the process
+    runs no worker.
+    """
 
     async def health(request: Request) -> Response:
         report = await check_health(
-            redis=redis, pool=pool, keys=keys, version=version, lag_threshold=lag_threshold
+            redis=redis,
+            pool=pool,
+            keys=keys,
+            version=version,
+            lag_threshold=lag_threshold,
+            plugins=plugin_pool,
         )
         return JSONResponse(report.to_dict(), status_code=report.http_status)
 
