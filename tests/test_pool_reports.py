@@ -128,7 +128,9 @@ async def test_status_shows_each_live_workers_pool(
     async def calc_is_running() -> dict[str, Any] | None:
         nodes = (await status())["nodes"]
         node = nodes.get(settings.node)
-        if node is None or not node["plugins"]["plugins"]:
+        # reports are periodic: one may be from while the process was starting (not live
+        # yet) or while the task ran (in flight)
+        if node is None or (node["plugins"]["processes"], node["plugins"]["in_flight"]) != (1, 0):
             return None
         return dict(node)
 
@@ -170,7 +172,15 @@ async def test_metrics_show_every_workers_pool(
 
         async def sampled() -> str | None:
             text = (await http.get("/metrics")).text
-            return text if ("plugind_plugin_rss_bytes", identifier) in _samples(text) else None
+            samples = _samples(text)
+            # reports are periodic: one may be from while the process was starting (not
+            # live yet) or while the task ran (in flight), or come before the first RSS sample
+            settled = (
+                samples.get(("plugind_plugin_processes", identifier)) == 1
+                and samples.get(("plugind_plugin_in_flight", identifier)) == 0
+                and ("plugind_plugin_rss_bytes", identifier) in samples
+            )
+            return text if settled else None
 
         text = await until(sampled)
     samples = _samples(text)
