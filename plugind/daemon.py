@@ -35,6 +35,7 @@ from plugind import __version__
 from plugind.bus.consumer import StreamConsumer, ensure_group
 from plugind.bus.emit import Emitter
 from plugind.bus.keys import WORKERS_GROUP, Keys
+from plugind.bus.nodes import REPORT_INTERVAL_S, run_reports
 from plugind.bus.retention import run_retention
 from plugind.config import Settings, mask_url
 from plugind.errors import ConfigError
@@ -80,6 +81,7 @@ class Daemon:
     roles: tuple[str, ...] = ALL_ROLES
     shutdown_grace_s: float = 30.0
     handle_signals: bool = True
+    report_interval_s: float = REPORT_INTERVAL_S  # how often a worker publishes its pool
     redis: aioredis.Redis | None = None
     db: asyncpg.Pool | None = None
     ports: dict[str, int] = field(default_factory=dict)
@@ -173,6 +175,17 @@ class Daemon:
                     restored,
                 )
             await tg.start(context.emitter.pipeline.run)
+            tg.start_soon(
+                partial(
+                    run_reports,
+                    self.redis,
+                    keys,
+                    node=settings.node,
+                    version=__version__,
+                    snapshot=self.plugins.snapshot,
+                    interval=self.report_interval_s,
+                )
+            )
             dispatcher = Dispatcher(context)
             limits = {
                 keys.install: (settings.install_concurrency, settings.install_timeout),
@@ -218,6 +231,8 @@ class Daemon:
                 keys=keys,
                 version=__version__,
                 outages=self.outages,
+                # a process without the worker role runs no plugin: its pool would look idle
+                plugin_pool=self.plugins if "worker" in self.roles else None,
             )
             servers.append(await self._serve(tg, "api", app, settings.http_port))
         if "gateway" in self.roles:

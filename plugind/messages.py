@@ -9,6 +9,7 @@ field `plugin_id` - at `$```). Unknown fields are ignored so producers may send 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final, TypeVar
 
@@ -254,17 +255,29 @@ E = TypeVar("E", bound=Event)
 
 
 class EventFactory:
-    """Stamps the common fields of events emitted by one daemon node."""
+    """Stamps the common fields of events emitted by one daemon node.
 
-    def __init__(self, node: str) -> None:
+    ``new_id`` and ``now`` are parameters so that tests of the handlers' decisions can pin an
+    event's every field; the daemon keeps the defaults.
+    """
+
+    def __init__(
+        self,
+        node: str,
+        *,
+        new_id: Callable[[], str] = new_event_id,
+        now: Callable[[], str] = now_rfc3339,
+    ) -> None:
         self.node = node
+        self._new_id = new_id
+        self._now = now
 
     def __call__(self, cls: type[E], *, request_id: str, tenant_id: str, **fields: Any) -> E:
         return cls(
-            event_id=new_event_id(),
+            event_id=self._new_id(),
             request_id=request_id,
             tenant_id=tenant_id,
-            at=now_rfc3339(),
+            at=self._now(),
             node=self.node,
             **fields,
         )

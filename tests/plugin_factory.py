@@ -10,11 +10,20 @@ tool_parameters)``, a generator: yield ``self.create_text_message(...)`` or
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import textwrap
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import anyio
+import pytest
+
+from plugind.errors import PlugindError
 from plugind.package.difypkg import build_package
+from plugind.runtime.environment import ensure_environment
+from plugind.runtime.interpreter import find_plugin_python
+from plugind.runtime.protocol import PluginRequest
 
 SDK_REQUIREMENT = "dify-plugin==0.10.2"
 
@@ -178,6 +187,27 @@ def write_plugin(
             + textwrap.indent(textwrap.dedent(body), " " * 8)
         )
     return dest
+
+
+def with_environment(folder: Path, identifier: str) -> Plugin:
+    """``folder`` with its uv environment built, ready to run; skips the test without a Python."""
+    try:
+        python = find_plugin_python(os.environ.get("PLUGIN_PYTHON"))
+    except PlugindError as exc:
+        pytest.skip(f"no interpreter for plugins: {exc.message}")
+    venv_python = anyio.run(functools.partial(ensure_environment, folder, python, timeout=300))
+    return Plugin(identifier, folder, venv_python)
+
+
+def tool(provider: str, name: str, **params: Any) -> PluginRequest:
+    """A tool invocation as Dify sends it."""
+    payload = {"provider": provider, "tool": name, "tool_parameters": params, "credentials": {}}
+    return PluginRequest("tool", "invoke_tool", payload, user_id="u1")
+
+
+def json_of(chunks: list[Any]) -> list[Any]:
+    """The JSON messages among a tool's chunks."""
+    return [c["message"]["json_object"] for c in chunks if c["type"] == "json"]
 
 
 def package_bytes(folder: Path) -> bytes:

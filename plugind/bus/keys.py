@@ -51,6 +51,19 @@ class Keys:
         return f"{self.tag}:installed"
 
     @property
+    def nodes(self) -> str:
+        """Sorted set of the worker nodes that report (score: their last report, Unix time).
+
+        An index, so that readers find the reports without a SCAN over the whole keyspace.
+        """
+        return f"{self.tag}:nodes"
+
+    def node(self, node: str) -> str:
+        """Hash: a worker node's last report (``at``, ``version``, ``pool``); expires unless
+        the node refreshes it, so only live nodes have one."""
+        return f"{self.tag}:node:{node}"
+
+    @property
     def command_streams(self) -> tuple[str, str]:
         return (self.install, self.tasks)
 

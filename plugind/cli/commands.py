@@ -9,10 +9,12 @@ from typing import Any
 
 import anyio
 import asyncpg
+import msgspec
 import orjson
 
 from plugind.bus.codec import EVENT_FIELD, text
 from plugind.bus.keys import PROJECTOR_GROUP, WORKERS_GROUP, Keys
+from plugind.bus.nodes import read_reports
 from plugind.cli.support import (
     failed,
     parse_params,
@@ -294,6 +296,15 @@ async def cmd_status(args: argparse.Namespace) -> int:
             (keys.dead, None),
         ):
             report["streams"][stream] = await _stream_status(r, stream, group)
+        # the plugin pools live in the daemons' memory; each worker publishes its own
+        report["nodes"] = {
+            node.node: {
+                "at": node.at,
+                "version": node.version,
+                "plugins": msgspec.to_builtins(node.pool),
+            }
+            for node in await read_reports(r, keys)
+        }
     if database_url is not None:
         conn = await asyncpg.connect(database_url)
         try:

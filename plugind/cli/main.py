@@ -176,7 +176,8 @@ def _parser() -> argparse.ArgumentParser:
     add(
         "status",
         cmd_status,
-        "Streams, groups, pending, lag, consumers, dead letters, projector.",
+        "Streams, groups, pending, lag, consumers, dead letters, projector, and the plugin "
+        "pools of the live worker nodes.",
         "plugind status",
     )
     return parser

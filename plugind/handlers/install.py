@@ -10,19 +10,20 @@ from collections.abc import Callable
 
 import anyio
 
-from plugind.bus.emit import Delivery, RegistryChange
-from plugind.errors import PackageNotFound, PlugindError, TimedOut, TooLarge
+from plugind.bus.emit import Delivery
+from plugind.errors import PackageNotFound, PlugindError, TooLarge
 from plugind.handlers.context import HandlerContext
+from plugind.handlers.decide import (
+    expected_identifier_error,
+    install_failed,
+    install_progress,
+    install_started,
+    installed,
+)
+from plugind.handlers.finish import finish
 from plugind.handlers.timing import ms_since
 from plugind.installed.local_plugins import Progress
-from plugind.messages import (
-    InstallCommand,
-    Installed,
-    InstallFailed,
-    InstallProgress,
-    InstallStarted,
-    PackageRef,
-)
+from plugind.messages import InstallCommand, PackageRef
 from plugind.outage import needs_postgres
 from plugind.package.difypkg import PluginPackage, read_package
 from plugind.package.signature import verify_signature
@@ -33,16 +34,10 @@ log = logging.getLogger(__name__)
 
 async def handle_install(ctx: HandlerContext, delivery: Delivery, cmd: InstallCommand) -> None:
     started = time.monotonic()
-    events = ctx.events
-    rid, tenant = cmd.request_id, cmd.tenant_id
-    await ctx.emitter.emit(
-        events(InstallStarted, request_id=rid, tenant_id=tenant, source=cmd.package.describe())
-    )
+    await ctx.emitter.emit(install_started(ctx.events, cmd))
 
     async def progress(step: str, message: str) -> None:
-        await ctx.emitter.emit(
-            events(InstallProgress, request_id=rid, tenant_id=tenant, step=step, message=message)
-        )
+        await ctx.emitter.emit(install_progress(ctx.events, cmd, step, message))
 
     package: PluginPackage | None = None
 
@@ -54,64 +49,20 @@ async def handle_install(ctx: HandlerContext, delivery: Delivery, cmd: InstallCo
         with anyio.fail_after(ctx.settings.install_timeout):
             await _install(ctx, cmd, progress, verified)
     except (PlugindError, TimeoutError) as exc:
-        error = (
-            exc
-            if isinstance(exc, PlugindError)
-            else TimedOut(f"install did not finish within {ctx.settings.install_timeout:g}s")
+        failed = install_failed(
+            ctx.events,
+            cmd,
+            exc,
+            plugin_id=package.plugin_id if package else None,
+            install_timeout=ctx.settings.install_timeout,
+            duration_ms=ms_since(started),
         )
-        duration_ms = ms_since(started)
-        plugin_id = package.plugin_id if package else None
-        await ctx.emitter.terminal(
-            delivery,
-            events(
-                InstallFailed,
-                request_id=rid,
-                tenant_id=tenant,
-                plugin_id=plugin_id,
-                error=error.info(),
-                duration_ms=duration_ms,
-            ),
-        )
-        log.warning(
-            "Plugin install failed: %s, request_id=%s, code=%s, error=%s",
-            plugin_id or cmd.package.describe(),
-            rid,
-            error.code,
-            error.message,
-        )
+        await finish(ctx, delivery, failed, log)
         return
     assert package is not None
-    previous = await ctx.registry.installed(tenant, package.plugin_id)
-    upgraded_from = previous if previous and previous != package.identifier else None
-    duration_ms = ms_since(started)
-    committed = await ctx.emitter.terminal(
-        delivery,
-        events(
-            Installed,
-            request_id=rid,
-            tenant_id=tenant,
-            plugin_id=package.plugin_id,
-            identifier=package.identifier,
-            version=package.version,
-            checksum=package.checksum,
-            manifest=package.summary(),
-            upgraded_from=upgraded_from,
-            duration_ms=duration_ms,
-        ),
-        registry=RegistryChange("set", tenant, package.plugin_id, package.identifier),
-    )
-    if committed is None:
-        return
-    log.info(
-        "Plugin installed: %s, tenant=%s, request_id=%s, duration=%.1fs%s",
-        package.identifier,
-        tenant,
-        rid,
-        duration_ms / 1000,
-        f", upgraded_from={upgraded_from}" if upgraded_from else "",
-    )
-    if upgraded_from and not await ctx.registry.in_use(upgraded_from):
-        await ctx.plugins.stop(upgraded_from)
+    previous = await ctx.registry.installed(cmd.tenant_id, package.plugin_id)
+    done = installed(ctx.events, cmd, package, previous=previous, duration_ms=ms_since(started))
+    await finish(ctx, delivery, done, log)
 
 
 async def _install(
@@ -130,11 +81,9 @@ async def _install(
     if settings.verify_signature:
         signed = await anyio.to_thread.run_sync(lambda: verify_signature(data, ctx.signature_keys))
         await progress("verify", f"signature verified (signed at {signed.signed_at})")
-    if cmd.expected_identifier is not None and cmd.expected_identifier != package.identifier:
-        raise PlugindError(
-            "checksum_mismatch",
-            f"package is {package.identifier}, expected {cmd.expected_identifier}",
-        )
+    mismatch = expected_identifier_error(cmd, package)
+    if mismatch is not None:
+        raise mismatch
     await progress("store", f"storing {package.identifier} ({package.sha256[:12]})")
     with needs_postgres("storing the package", ctx.outages.postgres):
         await store_package(ctx.db, package)

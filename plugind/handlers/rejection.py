@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 
-from plugind.bus.codec import preview
 from plugind.bus.emit import Delivery
 from plugind.handlers.context import HandlerContext
-from plugind.messages import CommandRejected, ErrorInfo
+from plugind.handlers.decide import rejected
+from plugind.handlers.finish import finish
+from plugind.messages import ErrorInfo
 
-log = logging.getLogger("plugind.bus")
+log = logging.getLogger(__name__)
 
 
 async def reject(
@@ -20,23 +21,5 @@ async def reject(
     request_id: str = "",
     tenant_id: str = "default",
 ) -> None:
-    await ctx.emitter.terminal(
-        delivery,
-        ctx.events(
-            CommandRejected,
-            request_id=request_id,
-            tenant_id=tenant_id,
-            stream=delivery.stream,
-            entry_id=delivery.entry_id,
-            error=error,
-            raw=preview(delivery.fields),
-        ),
-    )
-    log.warning(
-        "Command rejected: %s %s, request_id=%s, code=%s, error=%s",
-        delivery.stream,
-        delivery.entry_id,
-        request_id or "-",
-        error.code,
-        error.message,
-    )
+    terminal = rejected(ctx.events, delivery, error, request_id=request_id, tenant_id=tenant_id)
+    await finish(ctx, delivery, terminal, log)

@@ -16,12 +16,15 @@ from typing import Any, Final, TypeVar
 
 import anyio
 import asyncpg
+import msgspec
 from redis.asyncio import Redis
 
 from plugind.bus.keys import Keys
 from plugind.outage import Dependency, Outages, is_postgres_outage, is_redis_outage
 from plugind.projections.lag import projector_lag
 from plugind.projections.projector import EVENT_LOG_CHECKPOINT, projector_lock_key
+from plugind.runtime.pool import PluginPool
+from plugind.runtime.pool_report import pool_report
 
 PROBE_TIMEOUT_S: Final = 2.0
 T = TypeVar("T")
@@ -41,7 +44,7 @@ class HealthReport:
     status: str  # healthy | degraded | unhealthy
     timestamp: str
     version: str
-    components: dict[str, dict[str, Any]] = field(default_factory=dict)
+    components: dict[str, dict[str, Any] | None] = field(default_factory=dict)
 
     @property
     def http_status(self) -> int:
@@ -132,11 +135,15 @@ async def check_health(
     lag_threshold: int,
     timeout: float = PROBE_TIMEOUT_S,
     outages: Outages | None = None,
+    plugins: PluginPool | None = None,
 ) -> HealthReport:
     """Probe Redis, Postgres and the projector concurrently and fold them into one report.
 
     A dependency that is down is named with its error (and, when ``outages`` tracks it, how
-    long it has been down).
+    long it has been down). ``plugins`` is this process's plugin pool, shown as
+    ``components.plugins``; ``None`` (shown as ``null``) when the process runs no worker, whose
+    pool would always look empty. The pool does not change the verdict: a plugin that fails is
+    its tasks' business, not the daemon's.
     """
     results: dict[str, Probe] = {}
 
@@ -150,17 +157,18 @@ async def check_health(
 
     _report(results["redis"], outages.redis if outages else None, is_redis_outage)
     _report(results["postgres"], outages.postgres if outages else None, is_postgres_outage)
-    components: dict[str, dict[str, Any]] = {}
+    components: dict[str, dict[str, Any] | None] = {}
     for name in ("redis", "postgres"):
         result = results[name]
-        components[name] = (
+        component: dict[str, Any] = (
             {"status": "up", "latency_ms": result.latency_ms}
             if result.ok
             else {"status": "down", "error": result.error}
         )
         state = getattr(outages, name) if outages else None
         if not result.ok and state is not None and state.down_for is not None:
-            components[name]["down_for_s"] = round(state.down_for, 1)
+            component["down_for_s"] = round(state.down_for, 1)
+        components[name] = component
     lag, pg = results["lag"], results["postgres"]
     projector: dict[str, Any] = {"lag": lag.value if lag.ok else None}
     if pg.ok:
@@ -172,6 +180,9 @@ async def check_health(
     else:
         projector["status"] = "up"
     components["projector"] = projector
+    components["plugins"] = (
+        msgspec.to_builtins(pool_report(plugins.snapshot())) if plugins is not None else None
+    )
 
     if not (results["redis"].ok and pg.ok):
         status = "unhealthy"

@@ -1,8 +1,10 @@
 """``GET /metrics``: Prometheus text computed at scrape time from Postgres and Redis.
 
-Nothing is kept in the process: each scrape reads the read models and the stream's lag, builds
-metric families into a fresh ``CollectorRegistry`` and renders it. So several apps (or tests) in
-one process never share or double-register collectors, and every node reports the same numbers.
+Nothing is kept in the process: each scrape reads the read models, the stream's lag and the
+plugin pools the worker nodes published (:mod:`plugind.bus.nodes`), builds metric families into
+a fresh ``CollectorRegistry`` and renders it. So several apps (or tests) in one process never
+share or double-register collectors, and every node reports the same numbers, the pools of
+``--role worker`` nodes (which serve no HTTP) included, labelled by ``node``.
 The one exception is what only this node can know, the outages it saw: the daemon's outage
 trackers (``plugind.outage``) are read at scrape time into counters, per node.
 """
@@ -20,6 +22,7 @@ from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 
 from plugind.bus.keys import Keys
+from plugind.bus.nodes import NodeReport, read_reports
 from plugind.http.health import probe
 from plugind.outage import Outages
 from plugind.projections.lag import projector_lag
@@ -28,6 +31,7 @@ from plugind.projections.read_models import PLUGIN_STATUSES, TASK_STATUSES
 from plugind.projections.stats import task_stats
 
 RECENT_WINDOW: Final = timedelta(minutes=5)
+POOL_LABELS: Final = ["node", "plugin", "identifier"]
 
 
 class _Snapshot(Collector):
@@ -89,6 +93,36 @@ def outage_metrics(outages: Outages) -> list[Any]:
     return [count, seconds]
 
 
+def _pool_metrics(reports: list[NodeReport]) -> list[Any]:
+    """Per node and plugin version: live processes, requests in flight, restarts, memory."""
+    processes = GaugeMetricFamily(
+        "plugind_plugin_processes", "Live plugin processes", labels=POOL_LABELS
+    )
+    in_flight = GaugeMetricFamily(
+        "plugind_plugin_in_flight", "Requests running in plugin processes", labels=POOL_LABELS
+    )
+    # a counter: it only grows while the node runs the plugin, so rate() and increase() apply
+    restarts = CounterMetricFamily(
+        "plugind_plugin_restarts",
+        "Plugin processes started again after one crashed or was killed",
+        labels=POOL_LABELS,
+    )
+    rss = GaugeMetricFamily(
+        "plugind_plugin_rss_bytes",
+        "Resident memory of a plugin's processes and their children, last sample",
+        labels=POOL_LABELS,
+    )
+    for report in reports:
+        for plugin in report.pool.plugins:
+            labels = [report.node, plugin.plugin_id, plugin.identifier]
+            processes.add_metric(labels, plugin.processes)
+            in_flight.add_metric(labels, plugin.in_flight)
+            restarts.add_metric(labels, plugin.restarts)
+            if plugin.rss_bytes is not None:
+                rss.add_metric(labels, plugin.rss_bytes)
+    return [processes, in_flight, restarts, rss]
+
+
 async def render_metrics(
     redis: Redis, pool: asyncpg.Pool, keys: Keys, outages: Outages | None = None
 ) -> bytes:
@@ -109,6 +143,9 @@ async def render_metrics(
         )
         gauge.add_metric([], lag.value)
         families.append(gauge)
+    reports = await probe(lambda: read_reports(redis, keys))
+    if reports.ok:  # else Redis is down, which plugind_up already says
+        families.extend(_pool_metrics(reports.value))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Snapshot(families))
     return generate_latest(registry)

@@ -34,6 +34,7 @@ from plugind.projections.queries import (
     query_events,
 )
 from plugind.projections.stats import task_stats
+from plugind.runtime.pool import PluginPool
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +114,13 @@ def create_read_app(
     version: str,
     lag_threshold: int = 10_000,
     outages: Outages | None = None,
+    plugin_pool: PluginPool | None = None,
 ) -> Starlette:
     """The read API app; it owns nothing, so closing ``redis`` and ``pool`` is the caller's job.
 
     ``outages`` (the daemon's trackers) feeds ``/health``'s probes into the outage log and
-    ``/metrics``'s outage counters.
+    ``/metrics``'s outage counters. ``plugin_pool`` is the plugin pool of this process, for
+    ``/health``; ``None`` where the process runs no worker.
     """
 
     async def health(request: Request) -> Response:
@@ -128,6 +131,7 @@ def create_read_app(
             version=version,
             lag_threshold=lag_threshold,
             outages=outages,
+            plugins=plugin_pool,
         )
         return JSONResponse(report.to_dict(), status_code=report.http_status)
 

@@ -1,0 +1,44 @@
+"""Carry out a :class:`~plugind.handlers.decide.Terminal`: commit, log, retire.
+
+Every handler ends a request the same way, so the order of these steps (the atomic commit
+first; logs and stopping a retired version only once it is ours) lives in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from plugind.bus.emit import Delivery
+from plugind.handlers.context import HandlerContext
+from plugind.handlers.decide import LogLine, Terminal
+
+
+async def finish(
+    ctx: HandlerContext,
+    delivery: Delivery,
+    terminal: Terminal[Any],
+    logger: logging.Logger,
+    *,
+    output: bool = False,
+) -> bool:
+    """Commit ``terminal``; ``False`` if a duplicate had already ended the request.
+
+    ``logger`` is the handler's, so log lines keep naming the handler that wrote them.
+    ``output`` also closes the request's live-output stream (tasks sent with ``stream``).
+    """
+    committed = await ctx.emitter.terminal(
+        delivery, terminal.event, registry=terminal.registry, output=output
+    )
+    if committed is not None or terminal.always_log:
+        write(logger, terminal.logs)
+    if committed is None:
+        return False
+    if terminal.retire is not None and not await ctx.registry.in_use(terminal.retire):
+        await ctx.plugins.stop(terminal.retire)
+    return True
+
+
+def write(logger: logging.Logger, lines: tuple[LogLine, ...]) -> None:
+    for line in lines:
+        logger.log(line.level, line.message, *line.args)
