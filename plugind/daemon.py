@@ -23,8 +23,9 @@ from anyio.abc import TaskGroup, TaskStatus
 from starlette.types import ASGIApp
 
 from plugind import __version__
-from plugind.bus.consumer import StreamConsumer, ensure_group
+from plugind.bus.consumer import StreamConsumer
 from plugind.bus.emit import Emitter
+from plugind.bus.groups import ensure_group
 from plugind.bus.keys import WORKERS_GROUP, Keys
 from plugind.bus.retention import run_retention
 from plugind.config import ConfigError, Settings, mask_url
@@ -38,7 +39,7 @@ from plugind.projections.migrate import migrate
 from plugind.projections.projector import Projector
 from plugind.runtime.pool import PluginPool
 
-log = logging.getLogger("plugind")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 

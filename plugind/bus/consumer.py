@@ -19,24 +19,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from plugind.bus.codec import text
-from plugind.bus.emit import Delivery
+from plugind.bus.codec import read_entries, text
+from plugind.bus.delivery import Delivery
+from plugind.bus.groups import ensure_group
 from plugind.bus.reclaim import reclaim_once
 
-log = logging.getLogger("plugind.bus")
+log = logging.getLogger(__name__)
 
 Handler = Callable[[Delivery], Awaitable[None]]
 
 KEEPALIVE_INTERVAL_S = 10.0
-
-
-async def ensure_group(redis: aioredis.Redis, stream: str, group: str, start: str = "0") -> None:
-    """Create ``group`` on ``stream`` (and the stream) unless it exists."""
-    try:
-        await redis.xgroup_create(stream, group, id=start, mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
 
 
 class StreamConsumer:
@@ -143,7 +135,7 @@ class StreamConsumer:
             self._read_scope = None
             if scope.cancel_called:
                 break
-            entries = _entries(reply)
+            entries = read_entries(reply)
             if start != ">" and not entries:
                 return  # our backlog is drained
             counts: dict[str, int] = {}
@@ -256,12 +248,3 @@ class StreamConsumer:
                 await self.reclaim(tg)
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning("Reclaiming on %s failed: %s", self.stream, exc)
-
-
-def _entries(reply: Any) -> list[tuple[str, dict[bytes, bytes]]]:
-    """Flatten an XREADGROUP reply to ``(id, fields)`` pairs (fields empty if trimmed)."""
-    out: list[tuple[str, dict[bytes, bytes]]] = []
-    for _name, messages in reply or []:
-        for entry_id, fields in messages:
-            out.append((text(entry_id), dict(fields) if fields else {}))
-    return out

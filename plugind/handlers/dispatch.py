@@ -15,7 +15,7 @@ import msgspec
 import orjson
 
 from plugind.bus.codec import CMD_FIELD, text
-from plugind.bus.emit import Delivery
+from plugind.bus.delivery import Delivery
 from plugind.handlers.context import HandlerContext
 from plugind.handlers.install import handle_install
 from plugind.handlers.rejection import reject
@@ -30,7 +30,7 @@ from plugind.messages import (
     decode_command,
 )
 
-log = logging.getLogger("plugind.bus")
+log = logging.getLogger(__name__)
 
 _CMD = CMD_FIELD.encode()
 _REQUEST_ID = re.compile(rb'"request_id"\s*:\s*"([^"\\]{1,128})"')

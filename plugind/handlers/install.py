@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 import anyio
 
-from plugind.bus.emit import Delivery, RegistryChange
+from plugind.bus.delivery import Delivery
+from plugind.bus.emit import RegistryChange
 from plugind.errors import PlugindError
 from plugind.handlers.context import HandlerContext
 from plugind.handlers.timing import ms_since
@@ -27,7 +28,7 @@ from plugind.package.difypkg import PluginPackage, read_package
 from plugind.package.signature import verify_signature
 from plugind.projections.package_store import get_package, store_package
 
-log = logging.getLogger("plugind.install")
+log = logging.getLogger(__name__)
 
 
 async def handle_install(ctx: HandlerContext, delivery: Delivery, cmd: InstallCommand) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 
 from plugind.bus.codec import preview
-from plugind.bus.emit import Delivery
+from plugind.bus.delivery import Delivery
 from plugind.handlers.context import HandlerContext
 from plugind.messages import CommandRejected, ErrorInfo
 
-log = logging.getLogger("plugind.bus")
+log = logging.getLogger(__name__)
 
 
 async def reject(

@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from plugind.bus.emit import Delivery
+from plugind.bus.delivery import Delivery
 from plugind.errors import PlugindError
 from plugind.handlers.context import HandlerContext
 from plugind.handlers.timing import ms_since
@@ -22,7 +22,7 @@ from plugind.messages import (
 )
 from plugind.runtime.process import PluginRequest
 
-log = logging.getLogger("plugind.task")
+log = logging.getLogger(__name__)
 
 
 async def handle_task(ctx: HandlerContext, delivery: Delivery, cmd: TaskCommand) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 
-from plugind.bus.emit import Delivery, RegistryChange
+from plugind.bus.delivery import Delivery
+from plugind.bus.emit import RegistryChange
 from plugind.handlers.context import HandlerContext
 from plugind.handlers.rejection import reject
 from plugind.messages import ErrorInfo, UninstallCommand, Uninstalled
 
-log = logging.getLogger("plugind.install")
+log = logging.getLogger(__name__)
 
 
 async def handle_uninstall(ctx: HandlerContext, delivery: Delivery, cmd: UninstallCommand) -> None:

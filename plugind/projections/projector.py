@@ -23,17 +23,13 @@ from asyncpg.pool import PoolConnectionProxy
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from plugind.bus.codec import read_entries, text
+from plugind.bus.groups import ensure_group
 from plugind.bus.keys import PROJECTOR_GROUP, Keys
 from plugind.projections._db import advisory_key
-from plugind.projections._entries import (
-    LogEntry,
-    as_str,
-    decode_entry,
-    parse_read_response,
-    stream_id_key,
-)
+from plugind.projections._entries import LogEntry, decode_entry, stream_id_key
 from plugind.projections.hashchain import chain_hash
-from plugind.projections.lag import ensure_group, projector_lag
+from plugind.projections.lag import projector_lag
 from plugind.projections.read_models import apply_event, apply_events
 
 log = logging.getLogger(__name__)
@@ -112,7 +108,7 @@ class Projector:
         self._conn = conn
         self._read_pending = True
         try:
-            await ensure_group(self.redis, self.keys)
+            await ensure_group(self.redis, self.keys.events, PROJECTOR_GROUP)
             await self._claim_orphans()
         except BaseException:
             await self.deactivate()
@@ -215,17 +211,17 @@ class Projector:
                 cursor,
                 count=self.batch_size,
             )
-            cursor = as_str(reply[0])  # (justid=True would make redis-py drop the cursor)
+            cursor = text(reply[0])  # (justid=True would make redis-py drop the cursor)
             if cursor == "0-0":
                 return
 
-    async def _read(self) -> list[tuple[str, dict[Any, Any] | None]]:
+    async def _read(self) -> list[tuple[str, dict[Any, Any]]]:
         try:
             if self._read_pending:
                 reply = await self.redis.xreadgroup(
                     PROJECTOR_GROUP, self.node, {self.keys.events: "0"}, count=self.batch_size
                 )
-                entries = parse_read_response(reply)
+                entries = read_entries(reply)
                 if entries:
                     return entries
                 self._read_pending = False
@@ -239,9 +235,9 @@ class Projector:
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-            await ensure_group(self.redis, self.keys)
+            await ensure_group(self.redis, self.keys.events, PROJECTOR_GROUP)
             return []
-        return parse_read_response(reply)
+        return read_entries(reply)
 
     async def _commit(self, raw: Sequence[tuple[str, dict[Any, Any] | None]]) -> int:
         conn = self._conn
