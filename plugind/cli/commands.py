@@ -11,7 +11,8 @@ import anyio
 import asyncpg
 import orjson
 
-from plugind.bus.codec import EVENT_FIELD, text
+from plugind.bus.codec import text
+from plugind.bus.follow import EventFollower
 from plugind.bus.keys import PROJECTOR_GROUP, WORKERS_GROUP, Keys
 from plugind.cli.support import (
     CliError,
@@ -29,8 +30,7 @@ from plugind.messages import (
     InstallStarted,
     PackageRef,
     TaskStarted,
-    decode_event,
-    encode,
+    event_type,
 )
 
 # Packages larger than this go through the package store (when the CLI can reach Postgres).
@@ -112,7 +112,7 @@ def _show_progress(event: AnyEvent) -> None:
     if isinstance(event, InstallProgress):
         print(f"  {event.step}: {event.message}", file=sys.stderr, flush=True)
     elif isinstance(event, InstallStarted | TaskStarted):
-        print(f"  {event.__struct_config__.tag}", file=sys.stderr, flush=True)
+        print(f"  {event_type(event)}", file=sys.stderr, flush=True)
 
 
 def _client(settings: Settings) -> Client:
@@ -241,6 +241,12 @@ async def _event_rows(conn: asyncpg.Connection, args: argparse.Namespace) -> lis
     return list(await conn.fetch(sql, *params))
 
 
+def _short(plugin_id: str | None) -> str | None:
+    from plugind.projections.read_models import short_plugin_id
+
+    return short_plugin_id(plugin_id) if plugin_id else None
+
+
 def _event_line(position: int | str, event: dict[str, Any]) -> str:
     skip = {"type", "v", "event_id", "request_id", "tenant_id", "at", "node"}
     rest = {k: v for k, v in event.items() if k not in skip}
@@ -255,28 +261,20 @@ def _event_line(position: int | str, event: dict[str, Any]) -> str:
 
 async def _follow(settings: Settings, args: argparse.Namespace) -> int:
     async with _client(settings) as client:
-        cursor = "$"
-        while True:
-            reply: Any = await client.redis.xread(
-                {client.keys.events: cursor}, count=500, block=5000
-            )
-            for _stream, entries in reply or []:
-                for entry_id, fields in entries:
-                    cursor = text(entry_id)
-                    raw = fields.get(EVENT_FIELD.encode())
-                    if raw is None:
-                        continue
-                    event = decode_event(raw)
-                    if args.type_ and event.__struct_config__.tag != args.type_:
-                        continue
-                    if args.request and event.request_id != args.request:
-                        continue
-                    if args.plugin and getattr(event, "plugin_id", None) != args.plugin:
-                        continue
-                    if args.json:
-                        print(encode(event).decode(), flush=True)
-                    else:
-                        print(_event_line(cursor, orjson.loads(encode(event))), flush=True)
+        follower = EventFollower(client.redis, client.keys, request_id=args.request, block_ms=5000)
+        async for followed in follower:
+            if followed is None:
+                continue
+            event = followed.event
+            if args.type_ and event_type(event) != args.type_:
+                continue
+            if args.plugin and _short(getattr(event, "plugin_id", None)) != _short(args.plugin):
+                continue  # as the log query does: author/name matches each of its versions
+            if args.json:
+                print(followed.raw.decode(), flush=True)
+            else:
+                print(_event_line(followed.entry_id, orjson.loads(followed.raw)), flush=True)
+    return 0
 
 
 async def cmd_status(args: argparse.Namespace) -> int:

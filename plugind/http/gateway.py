@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from plugind.bus.codec import EVENT_FIELD, text
+from plugind.bus.follow import START, EventFollower
 from plugind.bus.keys import Keys
 from plugind.client import Client, WaitTimeout
 from plugind.config import Settings
@@ -35,8 +35,8 @@ from plugind.messages import (
     TaskCommand,
     UninstallCommand,
     decode_command,
-    decode_event,
     encode,
+    event_type,
     is_terminal,
 )
 from plugind.package.difypkg import read_package
@@ -45,6 +45,8 @@ from plugind.projections.queries import get_checkpoint, query_events
 
 MAX_JSON_BODY = 8 * 1024 * 1024
 MAX_WAIT_S = 300.0
+KEEPALIVE_S = 5  # proxies drop an SSE connection that stays silent much longer
+MAX_IDLE_S = 3600.0  # a request silent this long has most likely been lost: stop holding a socket
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -180,7 +182,7 @@ class _Gateway:
         read from the projector's checkpoint on (never trimmed past it), so the stream is not
         scanned from its start.
         """
-        cursor = "0-0"
+        cursor = START
         try:
             async with self.pool.acquire() as conn:
                 checkpoint = await get_checkpoint(conn)
@@ -195,33 +197,29 @@ class _Gateway:
                 yield _frame(row.stream_id, row.type, orjson.dumps(row.event))
                 if row.type in TERMINAL_EVENT_TYPES:
                     return
-        redis, keys = self.client.redis, self.client.keys
-        needle = request_id.encode()
+        follower = EventFollower(
+            self.client.redis,
+            self.client.keys,
+            after=cursor,
+            request_id=request_id,
+            block_ms=KEEPALIVE_S * 1000,
+            count=1000,
+        )
         idle_since = anyio.current_time()
-        while True:
-            reply: Any = await redis.xread({keys.events: cursor}, count=1000, block=5000)
-            if not reply:
+        async for followed in follower:
+            if followed is None:
                 yield b": keep-alive\n\n"
-                if anyio.current_time() - idle_since > 3600:
+                if anyio.current_time() - idle_since > MAX_IDLE_S:
                     return
                 continue
-            for _stream, entries in reply:
-                for entry_id, fields in entries:
-                    cursor = text(entry_id)
-                    raw = fields.get(EVENT_FIELD.encode())
-                    if raw is None or needle not in raw:
-                        continue
-                    event = decode_event(raw)
-                    if event.request_id != request_id:
-                        continue
-                    idle_since = anyio.current_time()
-                    yield _frame(cursor, event.__struct_config__.tag, raw)
-                    if is_terminal(event):
-                        return
+            idle_since = anyio.current_time()
+            yield _frame(followed.entry_id, event_type(followed.event), followed.raw)
+            if is_terminal(followed.event):
+                return
 
 
-def _frame(entry_id: str, event_type: Any, data: bytes) -> bytes:
-    return f"id: {entry_id}\nevent: {event_type}\ndata: ".encode() + data + b"\n\n"
+def _frame(entry_id: str, kind: str, data: bytes) -> bytes:
+    return f"id: {entry_id}\nevent: {kind}\ndata: ".encode() + data + b"\n\n"
 
 
 def _request_id(body: dict[str, Any]) -> str:
