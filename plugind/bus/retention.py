@@ -22,8 +22,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from plugind.bus.codec import text
 from plugind.bus.keys import Keys
+from plugind.projections.queries import EVENT_LOG_CHECKPOINT, get_checkpoint
 
-log = logging.getLogger("plugind.bus")
+log = logging.getLogger(__name__)
 
 
 def _parse(entry_id: str) -> tuple[int, int]:
@@ -76,12 +77,10 @@ async def trim_stream(
 
 async def events_ceiling(db: asyncpg.Pool) -> str | None:
     """The entry after the last event the projector committed: nothing at or above it may go."""
-    row = await db.fetchrow(
-        "SELECT last_stream_id FROM projection_checkpoints WHERE name = 'event_log'"
-    )
-    if row is None or not row["last_stream_id"]:
+    checkpoint = await get_checkpoint(db, EVENT_LOG_CHECKPOINT)
+    if checkpoint is None or not checkpoint.last_stream_id:
         return "0-1"  # nothing projected yet: keep everything
-    return _after(str(row["last_stream_id"]))
+    return _after(checkpoint.last_stream_id)
 
 
 async def run_retention(

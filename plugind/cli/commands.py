@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -193,52 +194,46 @@ async def cmd_events(args: argparse.Namespace) -> int:
     _redis_url, database_url = service_urls(settings)
     if database_url is None:
         raise CliError("DATABASE_URL is not set and no embedded daemon is running here")
+    from plugind.projections.queries import MAX_EVENTS_LIMIT, query_events
+
+    since = _since(args.since)
     conn = await asyncpg.connect(database_url)
     try:
-        rows = await _event_rows(conn, args)
+        wanted, after = max(1, min(args.limit, 100_000)), None
+        while wanted > 0:
+            page = await query_events(
+                conn,
+                types=[args.type_] if args.type_ else None,
+                plugin_id=args.plugin or None,
+                request_id=args.request or None,
+                since=since,
+                after=after,
+                limit=min(wanted, MAX_EVENTS_LIMIT),
+            )
+            for row in page.events:
+                if args.json:
+                    print(orjson.dumps(row.event).decode())
+                else:
+                    print(_event_line(row.position, row.event))
+            wanted -= len(page.events)
+            if page.next is None:
+                break
+            after = page.next
     finally:
         await conn.close()
-    for row in rows:
-        payload = row["payload"]
-        if args.json:
-            print(payload if isinstance(payload, str) else orjson.dumps(payload).decode())
-        else:
-            event = orjson.loads(payload) if isinstance(payload, str) else payload
-            print(_event_line(int(row["position"]), event))
     return 0
 
 
-async def _event_rows(conn: asyncpg.Connection, args: argparse.Namespace) -> list[Any]:
-    where, params = ["TRUE"], []
-    for column, value in (
-        ("type", args.type_),
-        ("plugin_id", args.plugin),
-        ("request_id", args.request),
-    ):
-        if value:
-            params.append(value)
-            where.append(f"{column} = ${len(params)}")
-    if args.since:
-        if args.since.isdigit():
-            params.append(int(args.since))
-            where.append(f"position >= ${len(params)}")
-        else:
-            from datetime import datetime
-
-            try:
-                params.append(datetime.fromisoformat(args.since.replace("Z", "+00:00")))
-            except ValueError:
-                raise CliError(
-                    f"--since {args.since!r} is neither a position nor RFC 3339", 2
-                ) from None
-            where.append(f"at >= ${len(params)}")
-    params.append(max(1, min(args.limit, 100_000)))
-    sql = (
-        "SELECT position, payload FROM event_log WHERE "
-        + " AND ".join(where)
-        + f" ORDER BY position LIMIT ${len(params)}"
-    )
-    return list(await conn.fetch(sql, *params))
+def _since(raw: str | None) -> datetime | int | None:
+    """``--since``: a log position, or an RFC 3339 time."""
+    if not raw:
+        return None
+    if raw.isdigit():
+        return int(raw)
+    try:
+        return datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise CliError(f"--since {raw!r} is neither a position nor RFC 3339", 2) from None
 
 
 def _short(plugin_id: str | None) -> str | None:
@@ -293,15 +288,13 @@ async def cmd_status(args: argparse.Namespace) -> int:
         ):
             report["streams"][stream] = await _stream_status(r, stream, group)
     if database_url is not None:
+        from plugind.projections.queries import list_checkpoints
+
         conn = await asyncpg.connect(database_url)
         try:
-            rows = await conn.fetch("SELECT * FROM projection_checkpoints ORDER BY name")
             report["projections"] = {
-                row["name"]: {
-                    "last_stream_id": row["last_stream_id"],
-                    "last_position": row["last_position"],
-                }
-                for row in rows
+                cp.name: {"last_stream_id": cp.last_stream_id, "last_position": cp.last_position}
+                for cp in await list_checkpoints(conn)
             }
         except asyncpg.UndefinedTableError:
             report["projections"] = "not migrated"

@@ -30,11 +30,17 @@ from plugind.projections._db import advisory_key
 from plugind.projections._entries import LogEntry, decode_entry, stream_id_key
 from plugind.projections.hashchain import chain_hash
 from plugind.projections.lag import projector_lag
+from plugind.projections.queries import (
+    EVENT_LOG_CHECKPOINT,
+    Checkpoint,
+    get_checkpoint,
+    logged_event_ids,
+)
 from plugind.projections.read_models import apply_event, apply_events
 
-log = logging.getLogger(__name__)
+__all__ = ["EVENT_LOG_CHECKPOINT", "ProjectionConflictError", "Projector", "projector_lock_key"]
 
-EVENT_LOG_CHECKPOINT: Final = "event_log"
+log = logging.getLogger(__name__)
 
 
 class ProjectionConflictError(RuntimeError):
@@ -244,7 +250,7 @@ class Projector:
         assert conn is not None
         async with conn.transaction():
             cp = await self._lock_checkpoint(conn)
-            last_key = stream_id_key(cp["last_stream_id"]) if cp["last_stream_id"] else None
+            last_key = stream_id_key(cp.last_stream_id) if cp.last_stream_id else None
             fresh = [
                 decode_entry(sid, fields)
                 for sid, fields in raw
@@ -253,7 +259,7 @@ class Projector:
             if not fresh:
                 return 0
             rows = await self._drop_duplicates(conn, fresh)
-            position, head = int(cp["last_position"]), bytes(cp["head_hash"])
+            position, head = cp.last_position, cp.head_hash
             if rows:
                 normalised = [
                     r["j"] for r in await conn.fetch(_NORMALISE, [e.payload for e in rows])
@@ -303,22 +309,18 @@ class Projector:
         log.debug("Projected %d events up to position %d", len(rows), position)
         return len(rows)
 
-    async def _lock_checkpoint(self, conn: PoolConnectionProxy) -> asyncpg.Record:
+    async def _lock_checkpoint(self, conn: PoolConnectionProxy) -> Checkpoint:
         await conn.execute(
             "INSERT INTO projection_checkpoints (name, stream) VALUES ($1, $2)"
             " ON CONFLICT (name) DO NOTHING",
             self.checkpoint,
             self.keys.events,
         )
-        cp = await conn.fetchrow(
-            "SELECT stream, last_stream_id, last_position, head_hash FROM projection_checkpoints"
-            " WHERE name = $1 FOR UPDATE",
-            self.checkpoint,
-        )
+        cp = await get_checkpoint(conn, self.checkpoint, for_update=True)
         assert cp is not None
-        if cp["stream"] is not None and cp["stream"] != self.keys.events:
+        if cp.stream is not None and cp.stream != self.keys.events:
             raise ProjectionConflictError(
-                f"this database's event log follows {cp['stream']}, not {self.keys.events}: "
+                f"this database's event log follows {cp.stream}, not {self.keys.events}: "
                 "use one database per namespace"
             )
         return cp
@@ -327,13 +329,7 @@ class Projector:
         self, conn: PoolConnectionProxy, entries: list[LogEntry]
     ) -> list[LogEntry]:
         """Skip events whose ``event_id`` is already logged (an emitter appended one twice)."""
-        ids = [e.event_id for e in entries if e.event_id is not None]
-        seen = {
-            r["event_id"]
-            for r in await conn.fetch(
-                "SELECT event_id FROM event_log WHERE event_id = ANY($1::text[])", ids
-            )
-        }
+        seen = await logged_event_ids(conn, [e.event_id for e in entries if e.event_id is not None])
         kept: list[LogEntry] = []
         for entry in entries:
             if entry.event_id is not None:
