@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from plugind.bus.keys import Keys
 from plugind.projections.lag import projector_lag
-from plugind.projections.projector import projector_lock_key
+from plugind.projections.leader import lock_is_held, projector_lock_key
 from plugind.projections.queries import EVENT_LOG_CHECKPOINT, get_checkpoint
 
 PROBE_TIMEOUT_S: Final = 2.0
@@ -76,28 +76,13 @@ async def probe(check: Callable[[], Awaitable[T]], timeout: float = PROBE_TIMEOU
     return Probe(True, elapsed, value=value)
 
 
-def _advisory_parts(key: int) -> tuple[int, int]:
-    unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
-    return unsigned >> 32, unsigned & 0xFFFF_FFFF
-
-
 async def _postgres_state(pool: asyncpg.Pool, keys: Keys) -> dict[str, Any]:
-    classid, objid = _advisory_parts(projector_lock_key(keys))
     async with pool.acquire(timeout=PROBE_TIMEOUT_S) as conn:
         try:
             checkpoint = await get_checkpoint(conn, EVENT_LOG_CHECKPOINT)
         except asyncpg.UndefinedTableError:
             return {"position": None, "active": False, "migrated": False}
-        active = await conn.fetchval(
-            """
-            SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_database d ON d.oid = l.database
-                           WHERE l.locktype = 'advisory' AND l.granted
-                             AND d.datname = current_database()
-                             AND l.classid = $1 AND l.objid = $2 AND l.objsubid = 1)
-            """,
-            classid,
-            objid,
-        )
+        active = await lock_is_held(conn, projector_lock_key(keys))
     return {"position": checkpoint.last_position if checkpoint else None, "active": active}
 
 
