@@ -16,7 +16,7 @@ from typing import Final
 import asyncpg
 
 from plugind.bus.keys import Keys
-from plugind.projections._db import Conn
+from plugind.projections._db import Conn, postgres_unreachable
 from plugind.projections._entries import LogEntry, stream_id_key
 from plugind.projections.hashchain import chain_hash
 from plugind.projections.queries import Checkpoint, get_checkpoint, logged_event_ids
@@ -172,6 +172,8 @@ async def _apply(
             async with conn.transaction():
                 await apply_event(conn, entry.event, at=entry.at, tasks_stream=tasks_stream)
         except asyncpg.PostgresError as exc:
+            if postgres_unreachable(exc):
+                raise  # not this event's fault: the whole batch is retried
             log.error(
                 "Read-model update skipped for event %s (%s) at position %d: %r",
                 entry.event_id,

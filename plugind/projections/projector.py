@@ -5,6 +5,10 @@ projector per namespace, by advisory lock), reading (``batch_reader``: the ``pro
 pending entries first) and committing (``commit``: log, read models and checkpoint in one
 transaction). Each batch is acknowledged only after its commit, and commits are idempotent by
 the checkpoint, so whatever fails between read and ack, reading the batch again is harmless.
+
+The loop outlives its dependencies: when Postgres or Redis goes away it gives up leadership
+(the lock died with the session anyway), retries with capped backoff, logs the outage once when
+it starts and once when it is over, and resumes from the checkpoint as leader or standby.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ from typing import Final
 import anyio
 import asyncpg
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from plugind.bus.keys import Keys
+from plugind.projections._db import postgres_unreachable
 from plugind.projections._entries import LogEntry
 from plugind.projections.batch_reader import BatchReader
 from plugind.projections.commit import ProjectionConflictError, commit_batch
@@ -36,6 +43,51 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 COMMIT_TIMEOUT_S: Final = 30.0
+FIRST_RETRY_S: Final = 0.5
+OUTAGE_RETRY_CAP_S: Final = 5.0
+FAILURE_RETRY_CAP_S: Final = 30.0
+POSTGRES: Final = "Postgres"
+REDIS: Final = "Redis"
+
+
+def _unreachable(exc: BaseException) -> str | None:
+    """The dependency ``exc`` says is unreachable, or None if it is some other failure."""
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        return REDIS
+    if postgres_unreachable(exc):
+        return POSTGRES
+    return None
+
+
+class _Outage:
+    """One warning line when a dependency stops answering, one info line when it is back.
+
+    Retries in between stay at debug level: an operator needs when and how long, not every try.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._since: float | None = None
+
+    def begin(self, exc: BaseException, retry_in: float) -> None:
+        if self._since is not None:
+            log.debug("%s still unreachable (%r); retrying in %.1fs", self.name, exc, retry_in)
+            return
+        self._since = anyio.current_time()
+        log.warning(
+            "Projector lost %s (%r); it gives up leadership and retries with backoff",
+            self.name,
+            exc,
+        )
+
+    def end(self) -> None:
+        if self._since is not None:
+            log.info(
+                "Projector: %s reachable again after %.1fs",
+                self.name,
+                anyio.current_time() - self._since,
+            )
+            self._since = None
 
 
 class Projector:
@@ -60,6 +112,7 @@ class Projector:
         self.leader = LeaderLock(pool, projector_lock_key(keys))
         self.reader = BatchReader(redis, keys, node, batch_size=batch_size, block_ms=block_ms)
         self._isolate = False
+        self._outages = {name: _Outage(name) for name in (POSTGRES, REDIS)}
 
     @property
     def active(self) -> bool:
@@ -70,7 +123,9 @@ class Projector:
         """Take the namespace's projector lock if it is free; returns whether we hold it."""
         if self.leader.held:
             return True
-        if not await self.leader.try_acquire():
+        acquired = await self.leader.try_acquire()
+        self._outages[POSTGRES].end()
+        if not acquired:
             return False
         try:
             await self.reader.take_over()
@@ -78,6 +133,7 @@ class Projector:
             with anyio.CancelScope(shield=True):
                 await self.leader.release()
             raise
+        self._outages[REDIS].end()
         log.info("Projector active for namespace %s (node %s)", self.keys.namespace, self.node)
         return True
 
@@ -88,45 +144,56 @@ class Projector:
     close = deactivate
 
     async def run(self) -> None:
-        """Project until cancelled: standby until the lock is ours, then batch after batch."""
-        backoff = 0.5
+        """Project until cancelled: standby until the lock is ours, then batch after batch.
+
+        Only :class:`ProjectionConflictError` (a configuration error) ends it.
+        """
+        delay = FIRST_RETRY_S
         waiting_logged = False
         try:
             while True:
                 try:
-                    if not self.active:
-                        if not await self.try_activate():
-                            if not waiting_logged:
-                                log.info(
-                                    "Projector standby for namespace %s: another one is active",
-                                    self.keys.namespace,
-                                )
-                                waiting_logged = True
-                            await anyio.sleep(self.standby_interval)
-                            continue
-                        waiting_logged = False
+                    if not await self.try_activate():
+                        if not waiting_logged:
+                            log.info(
+                                "Projector standby for namespace %s: another one is active",
+                                self.keys.namespace,
+                            )
+                            waiting_logged = True
+                        await anyio.sleep(self.standby_interval)
+                        continue
+                    waiting_logged = False
                     await self.run_once()
-                    backoff = 0.5
+                    delay = FIRST_RETRY_S
                 except ProjectionConflictError:
                     raise
-                except Exception as exc:  # keep projecting: the daemon must outlive one bad batch
-                    expected = (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
-                    log.error(
-                        "Projector batch failed, retrying in %.1fs: %r",
-                        backoff,
-                        exc,
-                        exc_info=not isinstance(exc, expected),
-                    )
-                    self.reader.reread()
-                    if isinstance(exc, asyncpg.PostgresError):
-                        self._isolate = True
-                    if self.leader.held and self.leader.connection.is_closed():
-                        await self.deactivate()
-                    await anyio.sleep(backoff)
-                    backoff = min(backoff * 2, 30.0)
+                except Exception as exc:  # keep projecting: the daemon must outlive any batch
+                    delay = await self._recover(exc, delay)
         finally:
             with anyio.move_on_after(5, shield=True):
                 await self.deactivate()
+
+    async def _recover(self, exc: Exception, delay: float) -> float:
+        """Handle a failed step, wait, and return the next wait."""
+        self.reader.reread()  # the failed batch (if any) is read again, and skipped if committed
+        dependency = _unreachable(exc)
+        if dependency is not None:
+            self._outages[dependency].begin(exc, delay)
+            await self.deactivate()  # re-elected once it is back, as leader or standby
+            cap = OUTAGE_RETRY_CAP_S
+        else:
+            log.error(
+                "Projector batch failed, retrying in %.1fs: %r",
+                delay,
+                exc,
+                exc_info=not isinstance(exc, RedisError | asyncpg.PostgresError),
+            )
+            # Retry with each read-model change isolated, so one poisonous event cannot wedge
+            # the projector: it stays in the log, its change is skipped and reported.
+            self._isolate = True
+            cap = FAILURE_RETRY_CAP_S
+        await anyio.sleep(delay)
+        return min(delay * 2, cap)
 
     async def run_once(self) -> int:
         """Read and commit at most one batch; returns how many events were appended to the log.
@@ -140,12 +207,12 @@ class Projector:
             return 0
         # A batch read is committed and acknowledged even when shutdown cancels us meanwhile:
         # cancelling inside the transaction would only throw the work away (and make asyncpg
-        # reset the connection). The bound keeps a wedged database from holding up shutdown.
-        with anyio.CancelScope(shield=True), anyio.move_on_after(COMMIT_TIMEOUT_S):
+        # reset the connection). The bound keeps a wedged database from holding up shutdown,
+        # and counts as Postgres being unreachable.
+        with anyio.CancelScope(shield=True), anyio.fail_after(COMMIT_TIMEOUT_S):
             applied = await self.commit(batch)
             await self.reader.ack(batch)
-            return applied
-        return 0
+        return applied
 
     async def commit(self, batch: Sequence[LogEntry]) -> int:
         """Commit ``batch`` on the lock's connection, without acknowledging it."""
