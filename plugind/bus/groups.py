@@ -6,12 +6,8 @@ rely on, so no start-up order between nodes or roles matters.
 
 from __future__ import annotations
 
-import logging
-
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
-
-log = logging.getLogger(__name__)
 
 
 async def ensure_group(redis: aioredis.Redis, stream: str, group: str, start: str = "0") -> None:
