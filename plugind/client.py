@@ -1,16 +1,15 @@
 """The Python producer API: publish commands and wait for their terminal events.
 
 ``wait`` never misses an event: the client notes the events stream's last id *before* it
-appends a command and reads from there, and the request's ``done`` marker (which holds the
-terminal event's stream id) answers at once for requests that ended long ago.
+appends a command and follows the stream from there, and the request's ``done`` marker (which
+holds the terminal event's stream id) answers at once for requests that ended long ago.
 """
 
 from __future__ import annotations
 
 import base64
-import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -18,7 +17,8 @@ from typing import Any
 import anyio
 import redis.asyncio as aioredis
 
-from plugind.bus.codec import EVENT_FIELD, command_fields, text
+from plugind.bus.codec import command_fields, text
+from plugind.bus.follow import START, EventFollower, event_at, events_tail
 from plugind.bus.keys import Keys
 from plugind.bus.producer import publish, stream_for
 from plugind.errors import WaitTimeout as WaitTimeout  # re-exported: producers catch it with Client
@@ -29,7 +29,6 @@ from plugind.messages import (
     PackageRef,
     TaskCommand,
     UninstallCommand,
-    decode_event,
     is_terminal,
 )
 
@@ -62,13 +61,13 @@ class Client:
 
     async def send(self, command: AnyCommand) -> str:
         """Publish any command; returns its request id."""
-        self._cursors[command.request_id] = await self._events_tail()
+        self._cursors[command.request_id] = await events_tail(self.redis, self.keys)
         await publish(self.redis, self.keys, command)
         return command.request_id
 
     async def send_many(self, commands: list[AnyCommand]) -> list[str]:
         """Publish many commands in one round trip (a pipeline); returns their request ids."""
-        cursor = await self._events_tail()
+        cursor = await events_tail(self.redis, self.keys)
         async with self.redis.pipeline(transaction=False) as pipe:
             for command in commands:
                 self._cursors[command.request_id] = cursor
@@ -167,70 +166,48 @@ class Client:
 
         ``on_event`` sees the request's other events (started, progress) as they come.
         """
-        deadline = time.monotonic() + timeout
         found = await self._from_marker(request_id)
         if found is not None:
             return found
-        cursor = self._cursors.get(request_id, "0-0")
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise WaitTimeout(f"request {request_id} did not end within {timeout:g}s")
-            reply: Any = await self.redis.xread(
-                {self.keys.events: cursor}, count=500, block=max(1, int(min(remaining, 1.0) * 1000))
-            )
-            for _stream, entries in reply or []:
-                for entry_id, fields in entries:
-                    cursor = text(entry_id)
-                    raw = fields.get(EVENT_FIELD.encode())
-                    if raw is None or request_id.encode() not in raw:
-                        continue  # cheap filter before decoding
-                    event = decode_event(raw)
-                    if event.request_id != request_id:
-                        continue
-                    if is_terminal(event):
-                        self._cursors.pop(request_id, None)
-                        return event
-                    if on_event is not None:
-                        on_event(event)
-            if not reply:
+        follower = EventFollower(
+            self.redis,
+            self.keys,
+            after=self._cursors.get(request_id, START),
+            request_id=request_id,
+            until=anyio.current_time() + timeout,
+        )
+        async for followed in follower:
+            if followed is None:  # a quiet second: it may have ended before our cursor
                 found = await self._from_marker(request_id)
                 if found is not None:
                     return found
+            elif is_terminal(followed.event):
+                self._cursors.pop(request_id, None)
+                return followed.event
+            elif on_event is not None:
+                on_event(followed.event)
+        raise WaitTimeout(f"request {request_id} did not end within {timeout:g}s")
 
     async def events_of(self, request_id: str) -> list[AnyEvent]:
         """Every event of a request still in the events stream, in order (a full scan)."""
-        out: list[AnyEvent] = []
-        async for _entry_id, event in self.iter_events():
-            if event.request_id == request_id:
-                out.append(event)
-        return out
+        follower = EventFollower(
+            self.redis, self.keys, after=START, request_id=request_id, block_ms=None, count=1000
+        )
+        return [followed.event async for followed in follower if followed is not None]
 
-    async def iter_events(self, start: str = "-", batch: int = 1000) -> Any:
-        """Yield ``(entry_id, event)`` for every event in the stream from ``start``."""
-        lower = start
-        while True:
-            entries: Any = await self.redis.xrange(self.keys.events, min=lower, count=batch)
-            for entry_id, fields in entries:
-                raw = fields.get(EVENT_FIELD.encode())
-                if raw is not None:
-                    yield text(entry_id), decode_event(raw)
-            if len(entries) < batch:
-                return
-            lower = "(" + text(entries[-1][0])
-
-    async def _events_tail(self) -> str:
-        last: Any = await self.redis.xrevrange(self.keys.events, count=1)
-        return text(last[0][0]) if last else "0-0"
+    async def iter_events(
+        self, after: str = START, batch: int = 1000
+    ) -> AsyncIterator[tuple[str, AnyEvent]]:
+        """Yield ``(entry_id, event)`` for every event in the stream after ``after``."""
+        async for followed in EventFollower(
+            self.redis, self.keys, after=after, block_ms=None, count=batch
+        ):
+            if followed is not None:
+                yield followed.entry_id, followed.event
 
     async def _from_marker(self, request_id: str) -> AnyEvent | None:
         marker: Any = await self.redis.get(self.keys.done(request_id))
-        if not marker:
-            return None
-        entries: Any = await self.redis.xrange(self.keys.events, min=marker, max=marker, count=1)
-        if not entries:
-            return None  # trimmed: the event log in Postgres still has it
-        return decode_event(entries[0][1][EVENT_FIELD.encode()])
+        return await event_at(self.redis, self.keys, text(marker)) if marker else None
 
 
 def new_request_id() -> str:

@@ -32,8 +32,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp
 
 from plugind import __version__
-from plugind.bus.consumer import StreamConsumer, ensure_group
+from plugind.bus.consumer import StreamConsumer
 from plugind.bus.emit import Emitter
+from plugind.bus.groups import ensure_group
 from plugind.bus.keys import WORKERS_GROUP, Keys
 from plugind.bus.nodes import REPORT_INTERVAL_S, run_reports
 from plugind.bus.retention import run_retention

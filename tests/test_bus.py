@@ -7,8 +7,10 @@ from typing import Any
 import anyio
 import pytest
 
-from plugind.bus.consumer import StreamConsumer, ensure_group
-from plugind.bus.emit import Delivery, Emitter, RegistryChange
+from plugind.bus.consumer import StreamConsumer
+from plugind.bus.delivery import Delivery
+from plugind.bus.emit import Emitter, RegistryChange
+from plugind.bus.groups import ensure_group
 from plugind.bus.keys import WORKERS_GROUP, Keys, installed_field, shard_namespace
 from plugind.messages import EventFactory, TaskResult, TaskSucceeded, decode_event
 

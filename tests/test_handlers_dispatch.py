@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
-from plugind.bus.emit import Delivery
+from plugind.bus.delivery import Delivery
 from plugind.handlers.decide import (
     Refusal,
     best_effort_ids,

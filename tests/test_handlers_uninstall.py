@@ -11,7 +11,8 @@ from typing import Any
 
 import orjson
 
-from plugind.bus.emit import Delivery, RegistryChange
+from plugind.bus.delivery import Delivery
+from plugind.bus.emit import RegistryChange
 from plugind.handlers.decide import LogLine, uninstall
 from plugind.messages import EventFactory, UninstallCommand, encode
 

@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from plugind.bus.codec import text
 from plugind.bus.keys import PROJECTOR_GROUP, Keys
 from plugind.messages import (
     CommandDeadLettered,
@@ -44,7 +45,7 @@ async def publish(redis: aioredis.Redis, keys: Keys, *events: Event | bytes) -> 
     for event in events:
         raw = event if isinstance(event, bytes) else encode(event)
         entry_id = await redis.xadd(keys.events, {"event": raw})
-        ids.append(entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
+        ids.append(text(entry_id))
     return ids
 
 
@@ -288,8 +289,8 @@ async def test_crash_after_commit_before_ack_replays_harmlessly(
 ) -> None:
     await publish(redis, keys, started("r1"), succeeded("r1"), installed())
     assert await projector.try_activate()
-    batch = await projector._read()
-    assert await projector._commit(batch) == 3  # committed, never acknowledged: the "crash"
+    batch = await projector.reader.read()
+    assert await projector.commit(batch) == 3  # committed, never acknowledged: the "crash"
     await projector.close()
     assert await pending(redis, keys) == 3
 
@@ -316,7 +317,7 @@ async def test_crash_before_commit_is_projected_by_the_next_projector(
 ) -> None:
     await publish(redis, keys, started("r1"), succeeded("r1"))
     assert await projector.try_activate()
-    assert len(await projector._read()) == 2  # read, then "crash" before the commit
+    assert len(await projector.reader.read()) == 2  # read, then "crash" before the commit
     await projector.close()
     await publish(redis, keys, failed("r2"))
 
@@ -342,7 +343,7 @@ async def test_garbage_is_logged_as_unknown_and_projection_continues(
     await publish(redis, keys, b'{"type": "task.exploded", "request_id": "rx", "tenant_id": "t"}')
     await redis.xadd(keys.events, {"something": "else"})
     await publish(redis, keys, installed())
-    with caplog.at_level(logging.ERROR, logger="plugind.projections.projector"):
+    with caplog.at_level(logging.ERROR, logger="plugind.projections.commit"):
         assert await projector.run_once() == 4
 
     rows = await log_rows(pool)
@@ -455,7 +456,7 @@ async def test_lag(
     assert await projector_lag(redis, keys) == 3  # no group yet: the whole stream
     assert await projector.try_activate()
     assert await projector.lag() == 3
-    await projector._read()  # delivered, not acknowledged: still lag
+    await projector.reader.read()  # delivered, not acknowledged: still lag
     assert await projector.lag() == 3
     await projector.close()
     other = Projector(redis, pool, keys, "node-b", block_ms=50)
@@ -472,7 +473,7 @@ async def test_a_poisonous_event_does_not_wedge_the_projector(
     # attempt does not fit the tasks.attempts integer column: its read-model update always fails
     await publish(redis, keys, started("r1", attempt=2**40), started("r2"))
     runner = Projector(redis, pool, keys, "node-a", block_ms=20)
-    with caplog.at_level(logging.ERROR, logger="plugind.projections.projector"):
+    with caplog.at_level(logging.ERROR, logger="plugind.projections"):
         async with anyio.create_task_group() as tg:
             tg.start_soon(runner.run)
             with anyio.fail_after(5):

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from plugind.bus.consumer import ensure_group
+from plugind.bus.groups import ensure_group
 from plugind.bus.keys import WORKERS_GROUP, Keys
 from plugind.bus.retention import trim_stream
 

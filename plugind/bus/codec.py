@@ -6,6 +6,7 @@ lets any language produce with a plain XADD.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Final
 
 from plugind.messages import Command, Event, encode
@@ -24,7 +25,38 @@ def event_fields(event: Event) -> dict[Any, Any]:
 
 
 def text(value: bytes | str) -> str:
+    """Redis answers in bytes unless the client decodes; plugind never asks it to."""
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def field(fields: Mapping[Any, Any] | None, name: str) -> bytes | None:
+    """One field of an entry, whether the client handed back its keys as bytes or as str."""
+    if not fields:
+        return None
+    value = fields.get(name.encode())
+    if value is None:
+        value = fields.get(name)
+    if value is None:
+        return None
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def read_entries(reply: Any) -> list[tuple[str, dict[Any, Any]]]:
+    """``(entry_id, fields)`` pairs of an XREAD/XREADGROUP reply, RESP2 (list) or RESP3 (dict).
+
+    An entry deleted while pending comes back without fields: it is kept, with ``{}``, because a
+    group reader still has to acknowledge it.
+    """
+    if not reply:
+        return []
+    streams = reply.values() if isinstance(reply, dict) else (s[1] for s in reply)
+    out: list[tuple[str, dict[Any, Any]]] = []
+    for entries in streams:
+        for entry_id, fields in entries:
+            if isinstance(fields, list):
+                fields = dict(zip(fields[::2], fields[1::2], strict=True))
+            out.append((text(entry_id), dict(fields) if fields else {}))
+    return out
 
 
 def preview(fields: dict[bytes, bytes]) -> str:

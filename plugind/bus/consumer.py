@@ -23,8 +23,9 @@ import redis.asyncio as aioredis
 from anyio.abc import TaskStatus
 from redis.exceptions import ResponseError
 
-from plugind.bus.codec import text
-from plugind.bus.emit import Delivery
+from plugind.bus.codec import read_entries, text
+from plugind.bus.delivery import Delivery
+from plugind.bus.groups import ensure_group
 from plugind.bus.reclaim import Reclaimed, reclaim_once
 from plugind.outage import (
     Backoff,
@@ -40,15 +41,6 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Delivery], Awaitable[None]]
 
 KEEPALIVE_INTERVAL_S = 10.0
-
-
-async def ensure_group(redis: aioredis.Redis, stream: str, group: str, start: str = "0") -> None:
-    """Create ``group`` on ``stream`` (and the stream) unless it exists."""
-    try:
-        await redis.xgroup_create(stream, group, id=start, mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
 
 
 class StreamConsumer:
@@ -196,7 +188,7 @@ class StreamConsumer:
             log.warning("%s on %s; recreating the group", exc, self.stream)
             await ensure_group(self._redis, self.stream, self.group)
             return [], {}
-        entries = _entries(reply)
+        entries = read_entries(reply)
         counts: dict[str, int] = {}
         if start != ">" and entries:
             counts = await self._delivery_counts(entries)
@@ -358,12 +350,3 @@ class StreamConsumer:
                     raise
             else:
                 self._outage.ok()
-
-
-def _entries(reply: Any) -> list[tuple[str, dict[bytes, bytes]]]:
-    """Flatten an XREADGROUP reply to ``(id, fields)`` pairs (fields empty if trimmed)."""
-    out: list[tuple[str, dict[bytes, bytes]]] = []
-    for _name, messages in reply or []:
-        for entry_id, fields in messages:
-            out.append((text(entry_id), dict(fields) if fields else {}))
-    return out

@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from plugind.bus import scripts
 from plugind.bus.autopipeline import AutoPipeline
 from plugind.bus.codec import EVENT_FIELD, text
+from plugind.bus.delivery import Delivery
 from plugind.bus.keys import WORKERS_GROUP, Keys, installed_field
 from plugind.messages import Event, decode_event, encode
 from plugind.outage import Dependency, retry_redis
@@ -25,16 +26,6 @@ from plugind.outage import Dependency, retry_redis
 log = logging.getLogger(__name__)
 
 OUTPUT_TTL_S = 600
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One command entry as a consumer received it."""
-
-    stream: str
-    entry_id: str
-    fields: dict[bytes, bytes]
-    deliveries: int = 1
 
 
 @dataclass(frozen=True, slots=True)

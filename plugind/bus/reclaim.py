@@ -16,7 +16,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from plugind.bus.codec import text
-from plugind.bus.emit import Delivery
+from plugind.bus.delivery import Delivery
 
 
 @dataclass(slots=True)

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError, ResponseError
 from plugind.bus.codec import text
 from plugind.bus.keys import Keys
 from plugind.outage import Outages, is_postgres_outage, is_redis_outage
+from plugind.projections.queries import EVENT_LOG_CHECKPOINT, get_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +76,10 @@ async def trim_stream(
 
 async def events_ceiling(db: asyncpg.Pool) -> str | None:
     """The entry after the last event the projector committed: nothing at or above it may go."""
-    row = await db.fetchrow(
-        "SELECT last_stream_id FROM projection_checkpoints WHERE name = 'event_log'"
-    )
-    if row is None or not row["last_stream_id"]:
+    checkpoint = await get_checkpoint(db, EVENT_LOG_CHECKPOINT)
+    if checkpoint is None or not checkpoint.last_stream_id:
         return "0-1"  # nothing projected yet: keep everything
-    return _after(str(row["last_stream_id"]))
+    return _after(checkpoint.last_stream_id)
 
 
 async def run_retention(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -12,7 +13,8 @@ import asyncpg
 import msgspec
 import orjson
 
-from plugind.bus.codec import EVENT_FIELD, text
+from plugind.bus.codec import text
+from plugind.bus.follow import EventFollower
 from plugind.bus.keys import PROJECTOR_GROUP, WORKERS_GROUP, Keys
 from plugind.bus.nodes import read_reports
 from plugind.cli.support import (
@@ -31,8 +33,7 @@ from plugind.messages import (
     InstallStarted,
     PackageRef,
     TaskStarted,
-    decode_event,
-    encode,
+    event_type,
 )
 
 # Packages larger than this go through the package store (when the CLI can reach Postgres).
@@ -114,7 +115,7 @@ def _show_progress(event: AnyEvent) -> None:
     if isinstance(event, InstallProgress):
         print(f"  {event.step}: {event.message}", file=sys.stderr, flush=True)
     elif isinstance(event, InstallStarted | TaskStarted):
-        print(f"  {event.__struct_config__.tag}", file=sys.stderr, flush=True)
+        print(f"  {event_type(event)}", file=sys.stderr, flush=True)
 
 
 def _client(settings: Settings) -> Client:
@@ -195,52 +196,52 @@ async def cmd_events(args: argparse.Namespace) -> int:
     _redis_url, database_url = service_urls(settings)
     if database_url is None:
         raise CliError("DATABASE_URL is not set and no embedded daemon is running here")
+    from plugind.projections.queries import MAX_EVENTS_LIMIT, query_events
+
+    since = _since(args.since)
     conn = await asyncpg.connect(database_url)
     try:
-        rows = await _event_rows(conn, args)
+        wanted, after = max(1, min(args.limit, 100_000)), None
+        while wanted > 0:
+            page = await query_events(
+                conn,
+                types=[args.type_] if args.type_ else None,
+                plugin_id=args.plugin or None,
+                request_id=args.request or None,
+                since=since,
+                after=after,
+                limit=min(wanted, MAX_EVENTS_LIMIT),
+            )
+            for row in page.events:
+                if args.json:
+                    print(orjson.dumps(row.event).decode())
+                else:
+                    print(_event_line(row.position, row.event))
+            wanted -= len(page.events)
+            if page.next is None:
+                break
+            after = page.next
     finally:
         await conn.close()
-    for row in rows:
-        payload = row["payload"]
-        if args.json:
-            print(payload if isinstance(payload, str) else orjson.dumps(payload).decode())
-        else:
-            event = orjson.loads(payload) if isinstance(payload, str) else payload
-            print(_event_line(int(row["position"]), event))
     return 0
 
 
-async def _event_rows(conn: asyncpg.Connection, args: argparse.Namespace) -> list[Any]:
-    where, params = ["TRUE"], []
-    for column, value in (
-        ("type", args.type_),
-        ("plugin_id", args.plugin),
-        ("request_id", args.request),
-    ):
-        if value:
-            params.append(value)
-            where.append(f"{column} = ${len(params)}")
-    if args.since:
-        if args.since.isdigit():
-            params.append(int(args.since))
-            where.append(f"position >= ${len(params)}")
-        else:
-            from datetime import datetime
+def _since(raw: str | None) -> datetime | int | None:
+    """``--since``: a log position, or an RFC 3339 time."""
+    if not raw:
+        return None
+    if raw.isdigit():
+        return int(raw)
+    try:
+        return datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise CliError(f"--since {raw!r} is neither a position nor RFC 3339", 2) from None
 
-            try:
-                params.append(datetime.fromisoformat(args.since.replace("Z", "+00:00")))
-            except ValueError:
-                raise CliError(
-                    f"--since {args.since!r} is neither a position nor RFC 3339", 2
-                ) from None
-            where.append(f"at >= ${len(params)}")
-    params.append(max(1, min(args.limit, 100_000)))
-    sql = (
-        "SELECT position, payload FROM event_log WHERE "
-        + " AND ".join(where)
-        + f" ORDER BY position LIMIT ${len(params)}"
-    )
-    return list(await conn.fetch(sql, *params))
+
+def _short(plugin_id: str | None) -> str | None:
+    from plugind.projections.read_models import short_plugin_id
+
+    return short_plugin_id(plugin_id) if plugin_id else None
 
 
 def _event_line(position: int | str, event: dict[str, Any]) -> str:
@@ -257,28 +258,20 @@ def _event_line(position: int | str, event: dict[str, Any]) -> str:
 
 async def _follow(settings: Settings, args: argparse.Namespace) -> int:
     async with _client(settings) as client:
-        cursor = "$"
-        while True:
-            reply: Any = await client.redis.xread(
-                {client.keys.events: cursor}, count=500, block=5000
-            )
-            for _stream, entries in reply or []:
-                for entry_id, fields in entries:
-                    cursor = text(entry_id)
-                    raw = fields.get(EVENT_FIELD.encode())
-                    if raw is None:
-                        continue
-                    event = decode_event(raw)
-                    if args.type_ and event.__struct_config__.tag != args.type_:
-                        continue
-                    if args.request and event.request_id != args.request:
-                        continue
-                    if args.plugin and getattr(event, "plugin_id", None) != args.plugin:
-                        continue
-                    if args.json:
-                        print(encode(event).decode(), flush=True)
-                    else:
-                        print(_event_line(cursor, orjson.loads(encode(event))), flush=True)
+        follower = EventFollower(client.redis, client.keys, request_id=args.request, block_ms=5000)
+        async for followed in follower:
+            if followed is None:
+                continue
+            event = followed.event
+            if args.type_ and event_type(event) != args.type_:
+                continue
+            if args.plugin and _short(getattr(event, "plugin_id", None)) != _short(args.plugin):
+                continue  # as the log query does: author/name matches each of its versions
+            if args.json:
+                print(followed.raw.decode(), flush=True)
+            else:
+                print(_event_line(followed.entry_id, orjson.loads(followed.raw)), flush=True)
+    return 0
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
@@ -306,15 +299,13 @@ async def cmd_status(args: argparse.Namespace) -> int:
             for node in await read_reports(r, keys)
         }
     if database_url is not None:
+        from plugind.projections.queries import list_checkpoints
+
         conn = await asyncpg.connect(database_url)
         try:
-            rows = await conn.fetch("SELECT * FROM projection_checkpoints ORDER BY name")
             report["projections"] = {
-                row["name"]: {
-                    "last_stream_id": row["last_stream_id"],
-                    "last_position": row["last_position"],
-                }
-                for row in rows
+                cp.name: {"last_stream_id": cp.last_stream_id, "last_position": cp.last_position}
+                for cp in await list_checkpoints(conn)
             }
         except asyncpg.UndefinedTableError:
             report["projections"] = "not migrated"

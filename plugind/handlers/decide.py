@@ -20,7 +20,8 @@ import msgspec
 import orjson
 
 from plugind.bus.codec import CMD_FIELD, preview, text
-from plugind.bus.emit import Delivery, RegistryChange
+from plugind.bus.delivery import Delivery
+from plugind.bus.emit import RegistryChange
 from plugind.errors import PlugindError, TimedOut
 from plugind.messages import (
     AnyCommand,

@@ -11,7 +11,7 @@ import logging
 
 import msgspec
 
-from plugind.bus.emit import Delivery
+from plugind.bus.delivery import Delivery
 from plugind.handlers.context import HandlerContext
 from plugind.handlers.decide import Refusal, dead_lettered, max_command_bytes, read_command
 from plugind.handlers.finish import write

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from plugind.bus.emit import Delivery
+from plugind.bus.delivery import Delivery
 from plugind.handlers.context import HandlerContext
 from plugind.handlers.decide import LogLine, Terminal
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import anyio
 
-from plugind.bus.emit import Delivery
+from plugind.bus.delivery import Delivery
 from plugind.errors import PackageNotFound, PlugindError, TooLarge
 from plugind.handlers.context import HandlerContext
 from plugind.handlers.decide import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from plugind.bus.emit import Delivery
+from plugind.bus.delivery import Delivery
 from plugind.handlers.context import HandlerContext
 from plugind.handlers.decide import rejected
 from plugind.handlers.finish import finish

@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from plugind.bus.emit import Delivery
+from plugind.bus.delivery import Delivery
 from plugind.errors import PlugindError
 from plugind.handlers.context import HandlerContext
 from plugind.handlers.decide import plugin_request, task_ended, task_started, task_timeout

@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from plugind.bus.codec import EVENT_FIELD, text
+from plugind.bus.follow import START, EventFollower
 from plugind.bus.keys import Keys
 from plugind.client import Client
 from plugind.config import Settings
@@ -44,8 +44,8 @@ from plugind.messages import (
     TaskCommand,
     UninstallCommand,
     decode_command,
-    decode_event,
     encode,
+    event_type,
     is_terminal,
 )
 from plugind.outage import (
@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 
 MAX_JSON_BODY = 8 * 1024 * 1024
 MAX_WAIT_S = 300.0
+KEEPALIVE_S = 5  # proxies drop an SSE connection that stays silent much longer
+MAX_IDLE_S = 3600.0  # a request silent this long has most likely been lost: stop holding a socket
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -204,7 +206,7 @@ class _Gateway:
         read from the projector's checkpoint on (never trimmed past it), so the stream is not
         scanned from its start.
         """
-        cursor = "0-0"
+        cursor = START
         try:
             async with self.pool.acquire() as conn:
                 checkpoint = await get_checkpoint(conn)
@@ -223,13 +225,21 @@ class _Gateway:
                 yield _frame(row.stream_id, row.type, orjson.dumps(row.event))
                 if row.type in TERMINAL_EVENT_TYPES:
                     return
-        redis, keys = self.client.redis, self.client.keys
-        needle = request_id.encode()
+        follower = EventFollower(
+            self.client.redis,
+            self.client.keys,
+            after=cursor,
+            request_id=request_id,
+            block_ms=KEEPALIVE_S * 1000,
+            count=1000,
+        )
         idle_since = anyio.current_time()
         backoff = Backoff(0.1, 1.0)
         while True:
             try:
-                reply: Any = await redis.xread({keys.events: cursor}, count=1000, block=5000)
+                followed = await anext(follower)
+            except StopAsyncIteration:
+                return
             except Exception as exc:
                 if not is_redis_outage(exc):
                     raise
@@ -238,28 +248,19 @@ class _Gateway:
                 await backoff.sleep()
                 continue
             backoff.reset()
-            if not reply:
+            if followed is None:
                 yield b": keep-alive\n\n"
-                if anyio.current_time() - idle_since > 3600:
+                if anyio.current_time() - idle_since > MAX_IDLE_S:
                     return
                 continue
-            for _stream, entries in reply:
-                for entry_id, fields in entries:
-                    cursor = text(entry_id)
-                    raw = fields.get(EVENT_FIELD.encode())
-                    if raw is None or needle not in raw:
-                        continue
-                    event = decode_event(raw)
-                    if event.request_id != request_id:
-                        continue
-                    idle_since = anyio.current_time()
-                    yield _frame(cursor, event.__struct_config__.tag, raw)
-                    if is_terminal(event):
-                        return
+            idle_since = anyio.current_time()
+            yield _frame(followed.entry_id, event_type(followed.event), followed.raw)
+            if is_terminal(followed.event):
+                return
 
 
-def _frame(entry_id: str, event_type: Any, data: bytes) -> bytes:
-    return f"id: {entry_id}\nevent: {event_type}\ndata: ".encode() + data + b"\n\n"
+def _frame(entry_id: str, kind: str, data: bytes) -> bytes:
+    return f"id: {entry_id}\nevent: {kind}\ndata: ".encode() + data + b"\n\n"
 
 
 def _request_id(body: dict[str, Any]) -> str:

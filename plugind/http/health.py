@@ -22,7 +22,8 @@ from redis.asyncio import Redis
 from plugind.bus.keys import Keys
 from plugind.outage import Dependency, Outages, is_postgres_outage, is_redis_outage
 from plugind.projections.lag import projector_lag
-from plugind.projections.projector import EVENT_LOG_CHECKPOINT, projector_lock_key
+from plugind.projections.leader import lock_is_held, projector_lock_key
+from plugind.projections.queries import EVENT_LOG_CHECKPOINT, get_checkpoint
 from plugind.runtime.pool import PluginPool
 from plugind.runtime.pool_report import pool_report
 
@@ -99,31 +100,14 @@ def _report(
         state.failed(result.error or _describe(result.exception))
 
 
-def _advisory_parts(key: int) -> tuple[int, int]:
-    unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
-    return unsigned >> 32, unsigned & 0xFFFF_FFFF
-
-
 async def _postgres_state(pool: asyncpg.Pool, keys: Keys) -> dict[str, Any]:
-    classid, objid = _advisory_parts(projector_lock_key(keys))
     async with pool.acquire(timeout=PROBE_TIMEOUT_S) as conn:
-        await conn.fetchval("SELECT 1")
-        if not await conn.fetchval("SELECT to_regclass('projection_checkpoints') IS NOT NULL"):
+        try:
+            checkpoint = await get_checkpoint(conn, EVENT_LOG_CHECKPOINT)
+        except asyncpg.UndefinedTableError:
             return {"position": None, "active": False, "migrated": False}
-        row = await conn.fetchrow(
-            """
-            SELECT
-              (SELECT last_position FROM projection_checkpoints WHERE name = $3) AS position,
-              EXISTS (SELECT 1 FROM pg_locks l JOIN pg_database d ON d.oid = l.database
-                      WHERE l.locktype = 'advisory' AND l.granted AND d.datname = current_database()
-                        AND l.classid = $1 AND l.objid = $2 AND l.objsubid = 1) AS active
-            """,
-            classid,
-            objid,
-            EVENT_LOG_CHECKPOINT,
-        )
-    assert row is not None
-    return {"position": row["position"], "active": row["active"]}
+        active = await lock_is_held(conn, projector_lock_key(keys))
+    return {"position": checkpoint.last_position if checkpoint else None, "active": active}
 
 
 async def check_health(

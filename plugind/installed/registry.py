@@ -20,6 +20,7 @@ from plugind.errors import PlugindError
 from plugind.outage import Dependency, needs_postgres
 from plugind.package.difypkg import parse_identifier
 from plugind.projections.package_store import get_package_by_identifier
+from plugind.projections.queries import list_plugins
 
 
 class Registry:
@@ -55,20 +56,18 @@ class Registry:
         """
         if await self._redis.exists(self._keys.installed):
             return 0
-        rows = await self._db.fetch(
-            "SELECT tenant_id, plugin_id, identifier FROM plugins WHERE status = 'installed'"
-        )
-        if not rows:
+        plugins = await list_plugins(self._db, status="installed")
+        if not plugins:
             return 0
         async with self._redis.pipeline(transaction=False) as pipe:
-            for row in rows:
+            for plugin in plugins:
                 pipe.hsetnx(
                     self._keys.installed,
-                    installed_field(row["tenant_id"], row["plugin_id"]),
-                    row["identifier"],
+                    installed_field(plugin.tenant_id, plugin.plugin_id),
+                    plugin.identifier,
                 )
             await pipe.execute()
-        return len(rows)
+        return len(plugins)
 
     async def in_use(self, identifier: str) -> bool:
         """Whether any tenant still has ``identifier`` installed."""

@@ -8,7 +8,7 @@ from plugind.projections.hashchain import (
     verify_chain,
     verify_event_log,
 )
-from plugind.projections.lag import ensure_group, projector_lag
+from plugind.projections.lag import projector_lag
 from plugind.projections.migrate import migrate
 from plugind.projections.projector import (
     EVENT_LOG_CHECKPOINT,
@@ -57,7 +57,6 @@ __all__ = [
     "apply_event",
     "apply_events",
     "chain_hash",
-    "ensure_group",
     "get_checkpoint",
     "get_task",
     "list_plugins",

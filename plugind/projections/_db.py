@@ -9,7 +9,7 @@ functions that need one connection take :data:`Conn`, and those happy with a poo
 from __future__ import annotations
 
 import hashlib
-from typing import TypeAlias
+from typing import Final, TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -21,3 +21,23 @@ Executor: TypeAlias = Conn | asyncpg.Pool
 def advisory_key(name: str) -> int:
     """A stable signed 64-bit advisory-lock key for ``name`` (the same in every process)."""
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+_UNREACHABLE: Final = (
+    OSError,  # refused, reset, timed out (TimeoutError is an OSError)
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,  # e.g. a proxy asyncpg detached when its connection was lost
+    asyncpg.exceptions.AdminShutdownError,  # terminated by an operator or a restart
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,  # starting up or shutting down
+    # asyncpg's protocol left in an impossible state, as when the server ends a session
+    # between two queries: only a fresh connection helps
+    asyncpg.exceptions.InternalClientError,
+)
+
+
+def postgres_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says Postgres, or our connection to it, is gone rather than that a query
+    failed: the first kind is waited out with a fresh connection, the second is the query's fault.
+    """
+    return isinstance(exc, _UNREACHABLE) and not isinstance(exc, asyncpg.exceptions.DataError)

@@ -13,16 +13,12 @@ from typing import Any, Final
 import msgspec
 import orjson
 
-from plugind.bus.codec import EVENT_FIELD, RAW_PREVIEW_BYTES
+from plugind.bus.codec import EVENT_FIELD, RAW_PREVIEW_BYTES, field, text
 from plugind.messages import AnyEvent, decode_event, event_type
 from plugind.projections.read_models import parse_at, short_plugin_id
 
 UNKNOWN_TYPE: Final = "unknown"
 RAW_LIMIT: Final = RAW_PREVIEW_BYTES
-
-
-def as_str(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def stream_id_key(stream_id: str) -> tuple[int, int]:
@@ -62,13 +58,6 @@ def _scrub(value: Any) -> Any:
     return value
 
 
-def _field(fields: dict[Any, Any] | None, name: str) -> bytes | str | None:
-    if not fields:
-        return None
-    value = fields.get(name.encode())
-    return value if value is not None else fields.get(name)
-
-
 def _unknown(stream_id: str, raw: bytes, error: str, obj: Any = None) -> LogEntry:
     text = raw[:RAW_LIMIT].decode("utf-8", "replace").replace("\x00", "\ufffd")
     payload = orjson.dumps({"raw": text, "error": error}).decode()
@@ -94,12 +83,11 @@ def _unknown(stream_id: str, raw: bytes, error: str, obj: Any = None) -> LogEntr
 
 def decode_entry(stream_id: str, fields: dict[Any, Any] | None) -> LogEntry:
     """Decode one entry's ``event`` field; never raises on bad input."""
-    value = _field(fields, EVENT_FIELD)
-    if value is None:
-        described = {as_str(k): as_str(v) for k, v in (fields or {}).items()}
+    raw = field(fields, EVENT_FIELD)
+    if raw is None:
+        described = {text(k): text(v) for k, v in (fields or {}).items()}
         error = "entry has no `event` field" if fields else "entry was deleted from the stream"
         return _unknown(stream_id, orjson.dumps(described) if fields else b"", error)
-    raw = value.encode() if isinstance(value, str) else bytes(value)
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -123,17 +111,3 @@ def decode_entry(stream_id: str, fields: dict[Any, Any] | None) -> LogEntry:
         plugin_id=short_plugin_id(plugin) if isinstance(plugin, str) and plugin else None,
         at=parse_at(event.at) or stream_id_time(stream_id),
     )
-
-
-def parse_read_response(response: Any) -> list[tuple[str, dict[Any, Any] | None]]:
-    """``(stream_id, fields)`` pairs of an XREADGROUP reply, RESP2 (list) or RESP3 (dict)."""
-    if not response:
-        return []
-    streams = response.values() if isinstance(response, dict) else (s[1] for s in response)
-    out: list[tuple[str, dict[Any, Any] | None]] = []
-    for entries in streams:
-        for entry_id, fields in entries:
-            if isinstance(fields, list):
-                fields = dict(zip(fields[::2], fields[1::2], strict=True))
-            out.append((as_str(entry_id), fields))
-    return out

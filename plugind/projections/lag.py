@@ -11,6 +11,7 @@ from typing import Any, Final
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from plugind.bus.codec import text
 from plugind.bus.keys import PROJECTOR_GROUP, Keys
 
 COUNT_CAP: Final = 1_000_000
@@ -21,28 +22,15 @@ def _get(info: dict[Any, Any], name: str) -> Any:
     return value if value is not None else info.get(name.encode())
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-async def ensure_group(redis: Redis, keys: Keys) -> None:
-    """Create the ``projector`` group on the events stream (from the start) if it is missing."""
-    try:
-        await redis.xgroup_create(keys.events, PROJECTOR_GROUP, id="0", mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
-
-
 async def _count_after(redis: Redis, key: str, after: str, cap: int = COUNT_CAP) -> int:
     """Entries after ``after``, counted page by page (Redis < 7 has no ``lag`` field)."""
     count, cursor = 0, after
     while count < cap:
-        page = await redis.xrange(key, min=f"({cursor}", max="+", count=10_000)
+        page: Any = await redis.xrange(key, min=f"({cursor}", max="+", count=10_000)
         if not page:
             break
         count += len(page)
-        cursor = _text(page[-1][0])
+        cursor = text(page[-1][0])
     return min(count, cap)
 
 
@@ -55,11 +43,11 @@ async def projector_lag(redis: Redis, keys: Keys) -> int:
             return 0
         raise
     for info in groups:
-        if _text(_get(info, "name")) != PROJECTOR_GROUP:
+        if text(_get(info, "name")) != PROJECTOR_GROUP:
             continue
         pending = int(_get(info, "pending") or 0)
         lag = _get(info, "lag")
         if lag is None:  # Redis < 7, or a lag Redis cannot compute after deletions
-            lag = await _count_after(redis, keys.events, _text(_get(info, "last-delivered-id")))
+            lag = await _count_after(redis, keys.events, text(_get(info, "last-delivered-id")))
         return int(lag) + pending
     return int(await redis.xlen(keys.events))

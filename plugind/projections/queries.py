@@ -1,7 +1,8 @@
-"""Read-side queries: installed plugins, a task by request id, the event-log audit query.
+"""Every read of ``plugins``, ``tasks``, ``event_log`` and ``projection_checkpoints``.
 
-Results are frozen dataclasses with ``to_dict()`` giving the JSON the read API serves, so the CLI
-and HTTP show the same thing.
+One module so a schema change has one place to follow, and so the CLI, HTTP and the projector
+see the same rows the same way. Results are frozen dataclasses; those the read API serves have
+``to_dict()`` giving its JSON. Writes stay with the projector (``read_models``, ``commit``).
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import orjson
+from asyncpg import Record
 
 from plugind.projections._db import Executor
 from plugind.projections.read_models import short_plugin_id
 
 MAX_EVENTS_LIMIT: Final = 1000
+EVENT_LOG_CHECKPOINT: Final = "event_log"  # the projector's checkpoint
 
 
 def rfc3339(value: datetime | None) -> str | None:
@@ -237,15 +240,38 @@ async def query_events(
     return EventPage(events, events[-1].position if len(rows) > limit else None)
 
 
-async def get_checkpoint(conn: Executor, name: str = "event_log") -> Checkpoint | None:
+_CHECKPOINT_COLUMNS: Final = "name, stream, last_stream_id, last_position, head_hash, updated_at"
+
+
+def _checkpoint(row: Record) -> Checkpoint:
+    return Checkpoint(**{**dict(row), "head_hash": bytes(row["head_hash"])})
+
+
+async def get_checkpoint(
+    conn: Executor, name: str = EVENT_LOG_CHECKPOINT, *, for_update: bool = False
+) -> Checkpoint | None:
+    """A projection's checkpoint; ``for_update`` locks its row until the transaction ends."""
     row = await conn.fetchrow(
-        "SELECT name, stream, last_stream_id, last_position, head_hash, updated_at"
-        " FROM projection_checkpoints WHERE name = $1",
+        f"SELECT {_CHECKPOINT_COLUMNS} FROM projection_checkpoints WHERE name = $1"
+        + (" FOR UPDATE" if for_update else ""),
         name,
     )
-    if row is None:
-        return None
-    return Checkpoint(**{**dict(row), "head_hash": bytes(row["head_hash"])})
+    return _checkpoint(row) if row is not None else None
+
+
+async def list_checkpoints(conn: Executor) -> list[Checkpoint]:
+    rows = await conn.fetch(
+        f"SELECT {_CHECKPOINT_COLUMNS} FROM projection_checkpoints ORDER BY name"
+    )
+    return [_checkpoint(r) for r in rows]
+
+
+async def logged_event_ids(conn: Executor, event_ids: Sequence[str]) -> set[str]:
+    """Which of ``event_ids`` the event log already holds."""
+    rows = await conn.fetch(
+        "SELECT event_id FROM event_log WHERE event_id = ANY($1::text[])", list(event_ids)
+    )
+    return {r["event_id"] for r in rows}
 
 
 async def count_by_status(conn: Executor, table: str) -> dict[str, int]:

@@ -34,8 +34,13 @@ from plugind.bus.keys import Keys
 from plugind.messages import AnyEvent, decode_event
 from plugind.projections._db import Conn
 from plugind.projections._entries import UNKNOWN_TYPE
-from plugind.projections.projector import EVENT_LOG_CHECKPOINT
-from plugind.projections.queries import PluginRow, TaskRow, list_plugins, rfc3339
+from plugind.projections.queries import (
+    EVENT_LOG_CHECKPOINT,
+    PluginRow,
+    TaskRow,
+    list_plugins,
+    rfc3339,
+)
 from plugind.projections.read_models import apply_event, apply_events
 
 log = logging.getLogger(__name__)
