@@ -177,4 +177,8 @@ def sse_raw_chunk(chunk_json: bytes) -> bytes:
 
 
 def sse_error(err: DifyError) -> bytes:
-    return sse_frame(err.envelope())
+    """An error frame. Always ``code -500``: dify-api's stream reader maps ``error_type`` onto
+    its exceptions only for -500 and turns any other code into a bare ``ValueError``."""
+    return sse_frame(
+        error_envelope(err.error_type, err.message, args=err.error_args, code=CODE_INTERNAL)
+    )
