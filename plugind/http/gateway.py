@@ -197,27 +197,61 @@ class _Gateway:
                     return
         redis, keys = self.client.redis, self.client.keys
         needle = request_id.encode()
+        # A task sent with "stream": true also has live output: its chunks are relayed as
+        # `chunk` events between its own events, in the order Redis wrote them.
+        out, out_cursor = keys.out(request_id), "0-0"
         idle_since = anyio.current_time()
         while True:
-            reply: Any = await redis.xread({keys.events: cursor}, count=1000, block=5000)
+            reply: Any = await redis.xread(
+                {keys.events: cursor, out: out_cursor}, count=1000, block=5000
+            )
             if not reply:
                 yield b": keep-alive\n\n"
                 if anyio.current_time() - idle_since > 3600:
                     return
                 continue
-            for _stream, entries in reply:
-                for entry_id, fields in entries:
-                    cursor = text(entry_id)
-                    raw = fields.get(EVENT_FIELD.encode())
-                    if raw is None or needle not in raw:
-                        continue
-                    event = decode_event(raw)
-                    if event.request_id != request_id:
-                        continue
-                    idle_since = anyio.current_time()
+            for entry_id, is_chunk, fields in _merged(reply, out):
+                if is_chunk:
+                    out_cursor = entry_id
+                    chunk = fields.get(b"chunk")
+                    if chunk is not None:
+                        idle_since = anyio.current_time()
+                        yield _frame(entry_id, "chunk", chunk)
+                    continue
+                cursor = entry_id
+                raw = fields.get(EVENT_FIELD.encode())
+                if raw is None or needle not in raw:
+                    continue
+                event = decode_event(raw)
+                if event.request_id != request_id:
+                    continue
+                idle_since = anyio.current_time()
+                if is_terminal(event):
+                    # every chunk was written before the terminal event: send any not read yet
+                    rest: Any = await redis.xrange(
+                        out, min="-" if out_cursor == "0-0" else f"({out_cursor}"
+                    )
+                    for chunk_id, chunk_fields in rest:
+                        chunk = chunk_fields.get(b"chunk")
+                        if chunk is not None:
+                            yield _frame(text(chunk_id), "chunk", chunk)
                     yield _frame(cursor, event.__struct_config__.tag, raw)
-                    if is_terminal(event):
-                        return
+                    return
+                yield _frame(cursor, event.__struct_config__.tag, raw)
+
+
+def _merged(reply: Any, out: str) -> list[tuple[str, bool, dict[bytes, bytes]]]:
+    """The entries of an XREAD over the events and an output stream, in stream-id order
+    (both ids come from one Redis clock), each as ``(id, is an output entry, fields)``."""
+    items: list[tuple[tuple[int, int], str, bool, dict[bytes, bytes]]] = []
+    for stream, entries in reply:
+        is_out = text(stream) == out
+        for entry_id, fields in entries:
+            eid = text(entry_id)
+            ms, _, seq = eid.partition("-")
+            items.append(((int(ms), int(seq or 0)), eid, is_out, fields))
+    items.sort(key=lambda item: item[0])
+    return [(eid, is_out, fields) for _key, eid, is_out, fields in items]
 
 
 def _frame(entry_id: str, event_type: Any, data: bytes) -> bytes:
