@@ -1,0 +1,33 @@
+"""The Dify dialect's routes, mounted by the daemon into the :5002 app (DESIGN §8).
+
+``/plugin/{tenant_id}/management/…`` and ``asset/{id}`` (:mod:`plugind.dify.management`),
+``/plugin/{tenant_id}/dispatch/…`` (:mod:`plugind.dify.dispatch`), and, last, a catch-all that
+answers any other ``/plugin/…`` path with a Dify-shaped 404. The ``X-Api-Key`` check
+(:mod:`plugind.http.auth`) runs before all of them.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from plugind.dify.deps import DifyDeps
+from plugind.dify.dispatch import dispatch_routes
+from plugind.dify.envelope import not_found
+from plugind.dify.management import Management, error_response
+
+_ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+def dify_routes(deps: DifyDeps) -> list[BaseRoute]:
+    """Every route of the Dify daemon API over ``deps``."""
+    return [
+        *Management(deps).routes(),
+        *dispatch_routes(deps),
+        Route("/plugin/{rest:path}", _unknown, methods=_ALL_METHODS),
+    ]
+
+
+async def _unknown(request: Request) -> Response:
+    return error_response(404, not_found(f"route not found: {request.method} {request.url.path}"))
