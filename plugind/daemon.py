@@ -34,6 +34,7 @@ from plugind.installed.local_plugins import LocalPlugins
 from plugind.installed.registry import Registry
 from plugind.messages import EventFactory
 from plugind.package.signature import load_public_keys
+from plugind.projections._db import create_pool
 from plugind.projections.migrate import migrate
 from plugind.projections.projector import Projector
 from plugind.runtime.pool import PluginPool
@@ -91,10 +92,12 @@ class Daemon:
             redis_url, database_url = await self._service_urls(stack)
             self.redis = await _connect_redis(redis_url, settings.connect_timeout)
             stack.push_async_callback(self.redis.aclose)
-            self.db = await _connect_postgres(database_url, settings.connect_timeout)
+            self.db = await _connect_postgres(
+                database_url, settings.connect_timeout, settings.db_schema
+            )
             stack.push_async_callback(self.db.close)
             async with self.db.acquire() as conn:
-                applied = await migrate(conn)
+                applied = await migrate(conn, schema=settings.db_schema)
             if applied:
                 log.info("Applied database migrations: %s", ", ".join(applied))
             self.plugins = PluginPool(
@@ -194,8 +197,21 @@ class Daemon:
         if "api" in self.roles:
             from plugind.http.read_api import create_read_app
 
-            app = create_read_app(redis=self.redis, pool=self.db, keys=keys, version=__version__)
+            app = create_read_app(
+                redis=self.redis,
+                pool=self.db,
+                keys=keys,
+                version=__version__,
+                api_key=settings.api_key,
+                extra_routes=self._dify_routes(),
+            )
             servers.append(await self._serve(tg, "api", app, settings.http_port))
+            if not settings.api_key:
+                log.warning(
+                    "PLUGIND_API_KEY is not set: the Dify daemon API and the tenant read routes "
+                    "on port %d answer 401",
+                    settings.http_port,
+                )
         if "gateway" in self.roles:
             if settings.api_key:
                 from plugind.http.gateway import create_gateway_app
@@ -209,6 +225,23 @@ class Daemon:
             else:
                 log.warning("Write gateway not started: PLUGIND_API_KEY is not set")
         return servers
+
+    def _dify_routes(self) -> list[Any]:
+        """The Dify daemon API (``/plugin/{tenant}/…``): the one place the core imports it."""
+        from plugind.dify.app import dify_routes
+        from plugind.dify.deps import DifyDeps
+
+        assert self.redis is not None and self.db is not None
+        settings = self.settings
+        return dify_routes(
+            DifyDeps(
+                redis=self.redis,
+                keys=self.keys,
+                pool=self.db,
+                settings=settings,
+                signature_keys=tuple(load_public_keys(settings.signature_public_keys)),
+            )
+        )
 
     def _handler_context(self) -> HandlerContext:
         settings, keys = self.settings, self.keys
@@ -325,10 +358,10 @@ async def _connect_redis(url: str, timeout: float) -> aioredis.Redis:
     return await _until_up("REDIS_URL", url, timeout, connect)
 
 
-async def _connect_postgres(url: str, timeout: float) -> asyncpg.Pool:
+async def _connect_postgres(url: str, timeout: float, schema: str) -> asyncpg.Pool:
     async def connect() -> asyncpg.Pool:
-        pool = await asyncpg.create_pool(url, min_size=1, max_size=10, timeout=10)
-        log.info("Database connection established: %s", mask_url(url))
+        pool = await create_pool(url, schema=schema, min_size=1, max_size=10, timeout=10)
+        log.info("Database connection established: %s (schema %s)", mask_url(url), schema)
         return pool
 
     return await _until_up("DATABASE_URL", url, timeout, connect)

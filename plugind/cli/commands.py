@@ -32,6 +32,7 @@ from plugind.messages import (
     decode_event,
     encode,
 )
+from plugind.projections._db import connect
 
 # Packages larger than this go through the package store (when the CLI can reach Postgres).
 INLINE_PACKAGE_LIMIT = 1024 * 1024
@@ -55,9 +56,9 @@ async def cmd_migrate(args: argparse.Namespace) -> int:
     _redis_url, database_url = service_urls(settings)
     if database_url is None:
         raise CliError("DATABASE_URL is not set and no embedded daemon is running here")
-    conn = await asyncpg.connect(database_url)
+    conn = await connect(database_url, schema=settings.db_schema)
     try:
-        applied = await migrate(conn)
+        applied = await migrate(conn, schema=settings.db_schema)
     finally:
         await conn.close()
     print(f"applied: {', '.join(applied)}" if applied else "database is up to date")
@@ -150,7 +151,7 @@ async def _through_the_store(data: bytes, database_url: str, settings: Settings)
         )
     except PlugindError as exc:
         raise CliError(f"{exc.code}: {exc.message}") from exc
-    conn = await asyncpg.connect(database_url)
+    conn = await connect(database_url, schema=settings.db_schema)
     try:
         await store_package(conn, package)
     finally:
@@ -193,7 +194,7 @@ async def cmd_events(args: argparse.Namespace) -> int:
     _redis_url, database_url = service_urls(settings)
     if database_url is None:
         raise CliError("DATABASE_URL is not set and no embedded daemon is running here")
-    conn = await asyncpg.connect(database_url)
+    conn = await connect(database_url, schema=settings.db_schema)
     try:
         rows = await _event_rows(conn, args)
     finally:
@@ -295,7 +296,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
         ):
             report["streams"][stream] = await _stream_status(r, stream, group)
     if database_url is not None:
-        conn = await asyncpg.connect(database_url)
+        conn = await connect(database_url, schema=settings.db_schema)
         try:
             rows = await conn.fetch("SELECT * FROM projection_checkpoints ORDER BY name")
             report["projections"] = {

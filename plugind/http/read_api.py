@@ -3,12 +3,17 @@
 Everything here reads; the projector is the only writer of what it serves. Errors are JSON
 ``{"error": {"code", "message"}}``: 400 for a bad query parameter (the message says which and
 what is accepted), 404 for an unknown task or route, 503 when Postgres cannot be reached.
+
+The routes that return tenants' data need ``X-Api-Key`` (:mod:`plugind.http.auth`); health,
+metrics and the aggregate stats are open. The daemon mounts the Dify daemon API on the same
+app through ``extra_routes``, behind the same key.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -18,11 +23,13 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from plugind.bus.keys import Keys
+from plugind.http.auth import ApiKeyGuard
 from plugind.http.health import check_health
 from plugind.http.metrics import render_metrics
 from plugind.projections.queries import (
@@ -114,14 +121,24 @@ def create_read_app(
     keys: Keys,
     version: str,
     lag_threshold: int = 10_000,
+    api_key: str | None = None,
+    extra_routes: Sequence[BaseRoute] = (),
 ) -> Starlette:
-    """The read API app; it owns nothing, so closing ``redis`` and ``pool`` is the caller's job."""
+    """The read API app; it owns nothing, so closing ``redis`` and ``pool`` is the caller's job.
+
+    ``api_key`` guards the tenants' data (without one those routes answer 401);
+    ``extra_routes`` are mounted after the read routes, behind the same guard.
+    """
 
     async def health(request: Request) -> Response:
         report = await check_health(
             redis=redis, pool=pool, keys=keys, version=version, lag_threshold=lag_threshold
         )
         return JSONResponse(report.to_dict(), status_code=report.http_status)
+
+    async def liveness(request: Request) -> Response:
+        # upstream's liveness path: the process answers, whatever its dependencies say
+        return JSONResponse({"status": "ok", "version": version})
 
     async def metrics(request: Request) -> Response:
         body = await render_metrics(redis, pool, keys)
@@ -178,12 +195,15 @@ def create_read_app(
     return Starlette(
         routes=[
             Route("/health", health),
+            Route("/health/check", liveness),
             Route("/metrics", metrics),
             Route("/api/v1/plugins/stats", stats),
             Route("/api/v1/plugins", plugins),
             Route("/api/v1/tasks/{request_id:str}", task),
             Route("/api/v1/events", events),
+            *extra_routes,
         ],
+        middleware=[Middleware(ApiKeyGuard, api_key=api_key)],
         exception_handlers={
             BadParameterError: _bad_parameter,
             HTTPException: _http_error,
