@@ -23,15 +23,7 @@ log = logging.getLogger(__name__)
 
 MIGRATION_LOCK_KEY = advisory_key("plugind:migrate")
 _NAME_RE = re.compile(r"^(\d{3,})_([a-z0-9_]+)\.sql$")
-# the tables of migration 001, which a plugind from before the schema move kept in `public`
-_LEGACY_TABLES = (
-    "schema_migrations",
-    "event_log",
-    "packages",
-    "plugins",
-    "tasks",
-    "projection_checkpoints",
-)
+_CREATE_TABLE_RE = re.compile(r"^\s*CREATE TABLE (?:IF NOT EXISTS )?([a-z_][a-z0-9_]*)", re.M)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +124,11 @@ async def _adopt_legacy_tables(conn: Conn, schema: str) -> None:
     )
     if not ours:
         return
+    tables = ["schema_migrations"] + [
+        name for m in available_migrations() for name in _CREATE_TABLE_RE.findall(m.sql)
+    ]
     moved = []
-    for table in _LEGACY_TABLES:
+    for table in tables:
         if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"public.{table}"):
             await conn.execute(f"ALTER TABLE public.{table} SET SCHEMA {quote_ident(schema)}")
             moved.append(table)
