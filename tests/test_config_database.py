@@ -23,7 +23,7 @@ from e2e import EXAMPLE_CALC
 from plugind.client import Client
 from plugind.config import Settings, load_settings
 from plugind.daemon import running_daemon
-from plugind.messages import EventFactory, Installed, TaskSucceeded, encode
+from plugind.messages import EventFactory, Installed, ManifestSummary, TaskSucceeded, encode
 from plugind.package.difypkg import build_package
 from plugind.projections._db import connect
 from plugind.projections.migrate import migrate
@@ -147,7 +147,7 @@ async def test_tables_of_an_older_plugind_move_into_the_schema(database_url: str
             identifier="acme/calc:0.1.0@" + "a" * 64,
             version="0.1.0",
             checksum="a" * 64,
-            manifest={},  # type: ignore[arg-type]
+            manifest=ManifestSummary(),
             duration_ms=1,
         )
         await bare.execute(
