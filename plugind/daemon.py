@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import anyio
 import asyncpg
@@ -34,7 +35,7 @@ from plugind.installed.local_plugins import LocalPlugins
 from plugind.installed.registry import Registry
 from plugind.messages import EventFactory
 from plugind.package.signature import load_public_keys
-from plugind.projections._db import create_pool
+from plugind.projections._db import create_pool, quote_ident
 from plugind.projections.migrate import migrate
 from plugind.projections.projector import Projector
 from plugind.runtime.pool import PluginPool
@@ -360,11 +361,30 @@ async def _connect_redis(url: str, timeout: float) -> aioredis.Redis:
 
 async def _connect_postgres(url: str, timeout: float, schema: str) -> asyncpg.Pool:
     async def connect() -> asyncpg.Pool:
-        pool = await create_pool(url, schema=schema, min_size=1, max_size=10, timeout=10)
+        try:
+            pool = await create_pool(url, schema=schema, min_size=1, max_size=10, timeout=10)
+        except asyncpg.InvalidCatalogNameError:
+            # as Dify's daemon does with its `dify_plugin`: a fresh Dify has not made it yet
+            await _create_database(url)
+            pool = await create_pool(url, schema=schema, min_size=1, max_size=10, timeout=10)
         log.info("Database connection established: %s (schema %s)", mask_url(url), schema)
         return pool
 
     return await _until_up("DATABASE_URL", url, timeout, connect)
+
+
+async def _create_database(url: str) -> None:
+    """Create the database ``url`` names, connecting to the server's ``postgres`` database."""
+    parts = urlsplit(url)
+    name = unquote(parts.path.lstrip("/"))
+    admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")), timeout=10)
+    try:
+        await admin.execute(f"CREATE DATABASE {quote_ident(name)}")
+        log.warning("Created database %s (it did not exist)", name)
+    except asyncpg.DuplicateDatabaseError:
+        pass  # another node made it meanwhile
+    finally:
+        await admin.close()
 
 
 @contextlib.asynccontextmanager

@@ -8,6 +8,8 @@ import pytest
 
 from plugind.config import ConfigError, load_settings, mask_url
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def test_defaults_mean_the_embedded_services() -> None:
     settings = load_settings({})
@@ -198,3 +200,33 @@ def test_force_verifying_signature_with_a_key(tmp_path: Path) -> None:
         {"FORCE_VERIFYING_SIGNATURE": "true", "PLUGIN_SIGNATURE_PUBLIC_KEYS": str(key)}
     )
     assert settings.verify_signature and settings.signature_public_keys == (key,)
+
+
+def test_the_compose_override_for_dify_gives_a_valid_configuration() -> None:
+    """deploy/docker-compose.dify.yaml over Dify's plugin_daemon service starts as is.
+
+    Compose merges the two `environment` maps; `${VAR:-default}` takes its default here, as
+    on a Dify whose .env leaves plugind's variables alone (Dify's own default for
+    FORCE_VERIFYING_SIGNATURE is true).
+    """
+    import re
+
+    import yaml
+
+    override = yaml.safe_load((REPO / "deploy" / "docker-compose.dify.yaml").read_text())
+    service = override["services"]["plugin_daemon"]
+    assert set(override["services"]) == {"plugin_daemon"}
+    assert "curl" in " ".join(service["healthcheck"]["test"])
+
+    def expand(value: str) -> str:
+        return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", lambda m: m.group(1), str(value))
+
+    env = {**DIFY_COMPOSE_ENV, "FORCE_VERIFYING_SIGNATURE": "true"}
+    env.update({k: expand(v) for k, v in service["environment"].items()})
+    settings = load_settings(env)
+    assert settings.plugin_dir == Path("/app/storage/plugind")
+    assert not settings.verify_signature
+    assert settings.database_url is not None and "/dify_plugin" in settings.database_url
+    assert (settings.api_key, settings.http_port) == (DIFY_COMPOSE_ENV["SERVER_KEY"], 5002)
+    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
+    assert re.search(r"apt-get install [^\n]*\bcurl\b", dockerfile)

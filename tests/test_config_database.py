@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -184,3 +185,21 @@ async def test_settings_schema_is_used_everywhere(database_url: str) -> None:
         assert await conn.fetchval("SELECT to_regclass('public.event_log')") is None
     finally:
         await conn.close()
+
+
+async def test_a_missing_database_is_created(admin_database_url: str) -> None:
+    """A fresh Dify has no ``dify_plugin`` yet: the daemon creates it, as upstream does."""
+    from plugind.daemon import _connect_postgres
+
+    name = f"plugind_test_{uuid.uuid4().hex[:12]}"
+    url = admin_database_url.partition("?")[0].rpartition("/")[0] + f"/{name}"
+    pool = await _connect_postgres(url, 5.0, "plugind")
+    try:
+        assert await pool.fetchval("SELECT current_database()") == name
+    finally:
+        await pool.close()
+        admin = await asyncpg.connect(admin_database_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
