@@ -687,3 +687,20 @@ async def test_unknown_routes(api: DifyApi) -> None:
         assert detail["error_type"] == "PluginDaemonNotFoundError"
     response = await api.http.get("/nothing", headers={"X-Api-Key": api.key})
     assert response.status_code == 404
+
+
+async def test_what_plugind_does_not_do_is_said_clearly(api: DifyApi) -> None:
+    assert await call(api, "GET", "endpoint/list", params={"page": 1, "page_size": 10}) == []
+    assert (
+        await call(
+            api,
+            "GET",
+            "endpoint/list/plugin",
+            params={"plugin_id": "acme/calc", "page": 1, "page_size": 10},
+        )
+        == []
+    )
+    for path in ("endpoint/setup", "debugging/key"):
+        error = await refused(api, "POST", path, body={})
+        assert error.raised == "PluginDaemonBadRequestError"
+        assert "not supported by plugind" in error.description
