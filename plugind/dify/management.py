@@ -275,7 +275,9 @@ class Management:
         if len(data) > limit:
             raise too_big
         package = await anyio.to_thread.run_sync(lambda: read_package(data, max_size=limit))
-        signed = await self._verify(data, required=wants_signature)
+        signed = await self._verify(
+            data, required=wants_signature or self.deps.settings.verify_signature
+        )
         await store_package(self.deps.pool, package)
         log.info(
             "Dify upload: %s (%d bytes, sha256 %s), tenant=%s, signature=%s",
@@ -352,7 +354,6 @@ class Management:
     async def _verify(self, data: bytes, *, required: bool) -> SignatureInfo | None:
         """The package's signature if a trusted key accepts it; refusal if it is ``required``."""
         keys = self.deps.signature_keys
-        required = required or self.deps.settings.verify_signature
         if not keys:
             if required:
                 raise bad_request(
