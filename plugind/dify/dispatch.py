@@ -28,7 +28,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from plugind.bus.producer import publish
+from plugind.bus.codec import CMD_FIELD, command_fields
+from plugind.bus.keys import installed_field
 from plugind.dify import envelope as env
 from plugind.dify.access import DispatchRoute, lookup
 from plugind.dify.deps import DifyDeps
@@ -61,10 +62,23 @@ class DispatchBody(msgspec.Struct, forbid_unknown_fields=False):
 
 _decoder = msgspec.json.Decoder(DispatchBody)
 
+# KEYS: 1 installed hash, 2 tasks stream. ARGV: 1 the tenant's field, 2 the identifier asked for
+# ("" for whatever is installed), 3 the command's JSON. Returns the installed identifier, or
+# false (and publishes nothing) when the tenant does not have it.
+PUBLISH_IF_INSTALLED: Final = """
+local installed = redis.call('HGET', KEYS[1], ARGV[1])
+if not installed or (ARGV[2] ~= '' and installed ~= ARGV[2]) then
+  return false
+end
+redis.call('XADD', KEYS[2], '*', 'cmd', ARGV[3])
+return installed
+"""
+
 
 class _Dispatcher:
     def __init__(self, deps: DifyDeps) -> None:
         self.deps = deps
+        self._publish = deps.redis.register_script(PUBLISH_IF_INSTALLED)
 
     async def handle(self, request: Request) -> Response:
         tenant_id: str = request.path_params["tenant_id"]
@@ -83,14 +97,11 @@ class _Dispatcher:
         except env.DifyError as exc:
             return env.error(exc)
         try:
-            plugin_id = await self._installed_plugin(tenant_id, plugin_ref)
+            plugin_id, wanted = _plugin_id(plugin_ref)
+            command = self._command(tenant_id, plugin_id, route, body)
+            await self._publish_if_installed(command, wanted)
         except env.DifyError as exc:
             return SSEResponse(_one(env.sse_error(exc)))
-        except redis.exceptions.RedisError as exc:
-            return env.error(env.internal_error(f"cannot reach Redis: {exc}"))
-        command = self._command(tenant_id, plugin_id, route, body)
-        try:
-            await publish(self.deps.redis, self.deps.keys, command)
         except redis.exceptions.RedisError as exc:
             return env.error(env.internal_error(f"cannot publish the task: {exc}"))
         log.debug(
@@ -105,25 +116,27 @@ class _Dispatcher:
         frames = relay(self.deps.redis, self.deps.keys, command.request_id, deadline_s=deadline)
         return SSEResponse(frames, headers={"X-Plugind-Request-Id": command.request_id})
 
-    async def _installed_plugin(self, tenant_id: str, plugin_ref: str) -> str:
-        """``author/name`` of ``plugin_ref`` if the tenant has it installed (that very version,
-        when ``plugin_ref`` is a full identifier); else ``PluginNotFoundError``."""
-        if ":" in plugin_ref or "@" in plugin_ref:
-            try:
-                author, name, _version, _checksum = parse_identifier(plugin_ref)
-            except PlugindError:
-                raise env.plugin_not_found(f"plugin {plugin_ref[:200]!r} not found") from None
-            plugin_id = f"{author}/{name}"
-        else:
-            plugin_id = plugin_ref
-            if plugin_id.count("/") != 1 or not all(plugin_id.split("/")):
-                raise env.plugin_not_found(f"plugin {plugin_ref[:200]!r} not found")
-        installed = await self.deps.installed(tenant_id, plugin_id)
-        if installed is None or (plugin_ref != plugin_id and installed != plugin_ref):
+    async def _publish_if_installed(self, command: TaskCommand, wanted: str) -> None:
+        """Publish ``command`` if its tenant has its plugin installed (that very identifier when
+        ``wanted`` is not empty), else ``PluginNotFoundError`` and nothing is published.
+
+        One script, so the check (the same ``installed`` hash ``DifyDeps.installed`` reads, which
+        the workers resolve against) and the XADD are one round trip and one atomic step.
+        """
+        keys = self.deps.keys
+        installed = await self._publish(
+            keys=[keys.installed, keys.tasks],
+            args=[
+                installed_field(command.tenant_id, command.plugin_id),
+                wanted,
+                command_fields(command)[CMD_FIELD],
+            ],
+        )
+        if not installed:
             raise env.plugin_not_found(
-                f"plugin {plugin_ref} is not installed for tenant {tenant_id}"
+                f"plugin {wanted or command.plugin_id} is not installed "
+                f"for tenant {command.tenant_id}"
             )
-        return plugin_id
 
     def _command(
         self, tenant_id: str, plugin_id: str, route: DispatchRoute, body: DispatchBody
@@ -143,6 +156,19 @@ class _Dispatcher:
             context=body.context,
             stream=True,
         )
+
+
+def _plugin_id(plugin_ref: str) -> tuple[str, str]:
+    """``(author/name, the full identifier asked for or "")`` of an ``X-Plugin-ID``."""
+    if ":" in plugin_ref or "@" in plugin_ref:
+        try:
+            author, name, _version, _checksum = parse_identifier(plugin_ref)
+        except PlugindError:
+            raise env.plugin_not_found(f"plugin {plugin_ref[:200]!r} not found") from None
+        return f"{author}/{name}", plugin_ref
+    if plugin_ref.count("/") != 1 or not all(plugin_ref.split("/")) or len(plugin_ref) > 256:
+        raise env.plugin_not_found(f"plugin {plugin_ref[:200]!r} not found")
+    return plugin_ref, ""
 
 
 async def _read_body(request: Request) -> DispatchBody:

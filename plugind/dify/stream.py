@@ -80,7 +80,10 @@ async def relay(
     deadline_s: float,
     idle_check_s: float = IDLE_CHECK_S,
 ) -> AsyncIterator[bytes]:
-    """The SSE frames of ``request_id``'s output, as they come, ending with its outcome."""
+    """The SSE frames of ``request_id``'s output, as they come, ending with its outcome.
+
+    Each item is the frames of one read (one or more), so a burst of chunks is one write.
+    """
     out = keys.out(request_id)
     cursor = "0-0"
     deadline = anyio.current_time() + deadline_s
@@ -94,8 +97,8 @@ async def relay(
         reply: Any = await redis.xread({out: cursor}, count=READ_COUNT, block=block_ms)
         if reply:
             frames, cursor, done = _frames(reply[0][1], cursor)
-            for frame in frames:
-                yield frame
+            if frames:
+                yield b"".join(frames)  # what came in one read leaves in one write
             if done:
                 return
             continue
@@ -106,20 +109,19 @@ async def relay(
         # It ended. Drain what reached the output stream meanwhile, then its outcome.
         rest: Any = await redis.xrange(out, min=f"({cursor}" if cursor != "0-0" else "-")
         frames, cursor, done = _frames(rest, cursor)
-        for frame in frames:
-            yield frame
-        if done:
-            return
-        event = await _event_at(redis, keys, text(marker))
-        err: DifyError | None
-        if event is None:
-            err = env.internal_error(
-                f"request {request_id} ended but its outcome is no longer in the events stream"
-            )
-        else:
-            err = terminal_error(event)
-        if err is not None:
-            yield env.sse_error(err)
+        if not done:
+            event = await _event_at(redis, keys, text(marker))
+            err: DifyError | None
+            if event is None:
+                err = env.internal_error(
+                    f"request {request_id} ended but its outcome is no longer in the events stream"
+                )
+            else:
+                err = terminal_error(event)
+            if err is not None:
+                frames.append(env.sse_error(err))
+        if frames:
+            yield b"".join(frames)
         return
 
 
