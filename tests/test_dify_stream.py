@@ -17,10 +17,22 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from dify_wire import DifyApi, DifyEnv, envelope_data, running_dify
+from dify_wire import DifyApi, DifyEnv, DifyRaised, envelope_data, running_dify, stream_data
 from e2e import EXAMPLE_CALC, REPO
 
-from plugind.dify.stream import relay
+from plugind.bus.codec import EVENT_FIELD
+from plugind.bus.keys import Keys
+from plugind.dify.stream import relay, terminal_error
+from plugind.messages import (
+    CommandDeadLettered,
+    ErrorInfo,
+    EventFactory,
+    TaskFailed,
+    TaskResult,
+    TaskSucceeded,
+    TaskTimedOut,
+    encode,
+)
 from plugind.package.difypkg import build_package
 
 pytestmark = pytest.mark.anyio
@@ -293,3 +305,72 @@ async def test_the_gateway_sse_relays_live_chunks(env: DifyEnv) -> None:
     assert chunk_times[-1] - chunk_times[0] > 0.4, chunk_times  # they came as written
     terminal = json.loads(seen[-1][2])
     assert terminal["result"]["chunks"] == chunks
+
+
+# --------------------------------------------------------------------------------------------
+# the relay alone, on cases a healthy worker does not produce
+
+
+async def _collect(redis: Any, keys: Keys, rid: str, deadline_s: float = 5.0) -> list[bytes]:
+    frames = relay(redis, keys, rid, deadline_s=deadline_s, idle_check_s=0.05)
+    return [frame async for frame in frames]
+
+
+async def test_relay_of_a_request_that_ended_without_output(redis: Any, keys: Keys) -> None:
+    """A dead-lettered command writes no ``end`` entry: the done marker ends the relay, after
+    the chunks that did arrive."""
+    events = EventFactory("node-t")
+    rid = "dead-1"
+    await redis.xadd(keys.out(rid), {"chunk": b'{"n":1}'})
+    dead = events(
+        CommandDeadLettered,
+        request_id=rid,
+        tenant_id="t",
+        stream=keys.tasks,
+        entry_id="1-0",
+        deliveries=5,
+        error=ErrorInfo(code="plugin_crashed", message="it kept crashing"),
+    )
+    entry_id = await redis.xadd(keys.events, {EVENT_FIELD: encode(dead)})
+    await redis.set(keys.done(rid), entry_id)
+    frames = b"".join(await _collect(redis, keys, rid))
+    assert_only_frames(frames)
+    lines = frames.decode().split("\n")
+    assert stream_data(lines[:1]) == [{"n": 1}]
+    with pytest.raises(DifyRaised) as raised:
+        stream_data(lines)
+    assert raised.value.raised == "PluginDaemonInternalServerError"
+    assert "it kept crashing" in raised.value.description
+
+
+async def test_relay_gives_the_timeout_frame_at_its_deadline(redis: Any, keys: Keys) -> None:
+    started = time.monotonic()
+    frames = await _collect(redis, keys, "never-1", deadline_s=0.3)
+    assert 0.25 < time.monotonic() - started < 2
+    with pytest.raises(DifyRaised) as raised:
+        stream_data(b"".join(frames).decode().split("\n"))
+    assert (raised.value.raised, raised.value.description) == (
+        "PluginDaemonInternalServerError",
+        "killed by timeout",
+    )
+
+
+async def test_relay_maps_each_outcome() -> None:
+    events = EventFactory("node-t")
+    common: dict[str, Any] = {"request_id": "r", "tenant_id": "t", "plugin_id": "a/b"}
+    failed = {
+        code: terminal_error(
+            events(TaskFailed, **common, error=ErrorInfo(code=code, message=code), duration_ms=1)
+        )
+        for code in ("not_installed", "unknown_plugin", "plugin_crashed", "timeout")
+    }
+    assert {code: err.error_type for code, err in failed.items() if err} == {
+        "not_installed": "PluginNotFoundError",
+        "unknown_plugin": "PluginNotFoundError",
+        "plugin_crashed": "PluginDaemonInternalServerError",
+        "timeout": "PluginDaemonInternalServerError",
+    }
+    timed_out = terminal_error(events(TaskTimedOut, **common, timeout_s=1, duration_ms=1))
+    assert timed_out is not None and timed_out.message == "killed by timeout"
+    ok = events(TaskSucceeded, **common, result=TaskResult(chunks=[]), duration_ms=1)
+    assert terminal_error(ok) is None

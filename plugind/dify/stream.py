@@ -22,6 +22,7 @@ from typing import Any, Final
 import anyio
 import msgspec
 import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -82,8 +83,20 @@ async def relay(
 ) -> AsyncIterator[bytes]:
     """The SSE frames of ``request_id``'s output, as they come, ending with its outcome.
 
-    Each item is the frames of one read (one or more), so a burst of chunks is one write.
+    Each item is the frames of one read (one or more), so a burst of chunks is one write. Losing
+    Redis mid-stream ends the stream with an error frame rather than a cut-off answer.
     """
+    try:
+        async for frames in _relay(redis, keys, request_id, deadline_s, idle_check_s):
+            yield frames
+    except redis_errors.RedisError as exc:
+        log.warning("Dify stream %s: lost Redis: %s", request_id, exc)
+        yield env.sse_error(env.internal_error(f"lost the task's output stream: {exc}"))
+
+
+async def _relay(
+    redis: aioredis.Redis, keys: Keys, request_id: str, deadline_s: float, idle_check_s: float
+) -> AsyncIterator[bytes]:
     out = keys.out(request_id)
     cursor = "0-0"
     deadline = anyio.current_time() + deadline_s
