@@ -2,6 +2,11 @@
 
 A bad value stops the daemon with one line naming the variable (docs/configuration.md), because
 a daemon that starts with a half-understood configuration fails later, far from the cause.
+
+Drop-in for Dify: the names Dify's Compose file gives its plugin daemon (``SERVER_KEY``,
+``SERVER_PORT``, ``DB_*``, ``REDIS_*``, ``PLUGIN_MAX_EXECUTION_TIMEOUT``...) are read as aliases
+wherever plugind's own name is unset, so swapping the image of Dify's ``plugin_daemon`` service
+is enough. plugind's own name always wins; an error names the variable that was actually read.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import quote
 
 from plugind.errors import ConfigError
 
@@ -20,19 +26,22 @@ T = TypeVar("T")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARN", "WARNING", "ERROR")
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+DEFAULT_TASK_TIMEOUT = 600.0  # seconds, as Dify's PLUGIN_MAX_EXECUTION_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
     redis_url: str | None = None
     database_url: str | None = None
+    db_schema: str = "plugind"
     log_level: str = "INFO"
     log_format: str = "text"
     plugin_dir: Path = Path(".plugind/plugins")
     embedded_dir: Path = Path(".plugind")
     worker_count: int = 4
     install_concurrency: int = 2
-    task_timeout: float = 60.0
+    task_timeout: float = DEFAULT_TASK_TIMEOUT
     install_timeout: float = 600.0
     max_package_size: int = 50 * 1024 * 1024
     max_result_size: int = 16 * 1024 * 1024
@@ -119,16 +128,24 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     values: dict[str, object] = {}
 
-    def take(name: str, key: str, parse: Callable[[str, str], T]) -> None:
-        raw = env.get(name)
-        if raw is not None and raw != "":
-            values[key] = parse(name, raw)
+    def take(name: str, key: str, parse: Callable[[str, str], T], *aliases: str) -> None:
+        """``values[key]`` from ``name``, else from the first alias that is set."""
+        for candidate in (name, *aliases):
+            raw = env.get(candidate)
+            if raw is not None and raw != "":
+                values[key] = parse(candidate, raw)
+                return
 
     take("REDIS_URL", "redis_url", lambda n, r: _url(n, r, ("redis", "rediss", "unix")))
+    if "redis_url" not in values:
+        _from_dify_redis(env, values)
     take("DATABASE_URL", "database_url", lambda n, r: _url(n, r, ("postgres", "postgresql")))
+    if "database_url" not in values:
+        _from_dify_db(env, values)
+    take("PLUGIND_DB_SCHEMA", "db_schema", _schema)
     take("LOG_LEVEL", "log_level", lambda n, r: _choice(n, r, LOG_LEVELS))
     take("LOG_FORMAT", "log_format", lambda n, r: _choice(n, r, ("text", "json")))
-    take("PLUGIN_DIR", "plugin_dir", lambda n, r: Path(r))
+    take("PLUGIN_DIR", "plugin_dir", lambda n, r: Path(r), "PLUGIN_WORKING_PATH")
     take("PLUGIND_DATA_DIR", "embedded_dir", lambda n, r: Path(r))
     take("PLUGIN_WORKER_COUNT", "worker_count", lambda n, r: _int(n, r, low=1, high=4096))
     take(
@@ -136,12 +153,23 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         "install_concurrency",
         lambda n, r: _int(n, r, low=1, high=64),
     )
-    take("PLUGIN_TASK_TIMEOUT", "task_timeout", lambda n, r: _float(n, r, low=0, high=86_400))
-    take("PLUGIN_INSTALL_TIMEOUT", "install_timeout", lambda n, r: _float(n, r, low=0, high=86_400))
+    take(
+        "PLUGIN_TASK_TIMEOUT",
+        "task_timeout",
+        lambda n, r: _float(n, r, low=0, high=86_400),
+        "PLUGIN_MAX_EXECUTION_TIMEOUT",
+    )
+    take(
+        "PLUGIN_INSTALL_TIMEOUT",
+        "install_timeout",
+        lambda n, r: _float(n, r, low=0, high=86_400),
+        "PYTHON_ENV_INIT_TIMEOUT",
+    )
     take(
         "PLUGIN_MAX_PACKAGE_SIZE",
         "max_package_size",
         lambda n, r: _int(n, r, low=1024, high=2**34),
+        "MAX_PLUGIN_PACKAGE_SIZE",
     )
     take(
         "PLUGIN_MAX_RESULT_SIZE",
@@ -172,29 +200,106 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         "connect_timeout",
         lambda n, r: _float(n, r, low=0, high=3600),
     )
-    take("PLUGIND_HTTP_PORT", "http_port", lambda n, r: _int(n, r, low=0, high=65_535))
-    take("PLUGIND_GATEWAY_PORT", "gateway_port", lambda n, r: _int(n, r, low=0, high=65_535))
-    take("PLUGIND_HTTP_HOST", "http_host", lambda n, r: r)
-    take("PLUGIND_API_KEY", "api_key", lambda n, r: r)
-    take("DIFY_API_URL", "dify_api_url", lambda n, r: _url(n, r, ("http", "https")))
+    take(
+        "PLUGIND_HTTP_PORT",
+        "http_port",
+        lambda n, r: _int(n, r, low=0, high=65_535),
+        "SERVER_PORT",
+    )
+    take(
+        "PLUGIND_GATEWAY_PORT",
+        "gateway_port",
+        lambda n, r: _int(n, r, low=0, high=65_535),
+        "PLUGIN_REMOTE_INSTALLING_PORT",
+    )
+    take("PLUGIND_HTTP_HOST", "http_host", lambda n, r: r, "SERVER_HOST")
+    take("PLUGIND_API_KEY", "api_key", lambda n, r: r, "SERVER_KEY")
+    take(
+        "DIFY_INNER_API_URL",
+        "dify_api_url",
+        lambda n, r: _url(n, r, ("http", "https")),
+        "DIFY_API_URL",
+    )
     take("DIFY_INNER_API_KEY", "dify_inner_api_key", lambda n, r: r)
     take("PLUGIN_PYTHON", "plugin_python", lambda n, r: r)
     take(
         "PLUGIN_PIP_INDEX_URL",
         "plugin_pip_index_url",
         lambda n, r: _url(n, r, ("http", "https", "file")),
+        "PIP_MIRROR_URL",
     )
     take("PLUGIN_OFFLINE", "plugin_offline", _bool)
-    take("PLUGIN_VERIFY_SIGNATURE", "verify_signature", _bool)
+    take("PLUGIN_VERIFY_SIGNATURE", "verify_signature", _bool, "FORCE_VERIFYING_SIGNATURE")
     take("PLUGIN_SIGNATURE_PUBLIC_KEYS", "signature_public_keys", _paths)
     take("PLUGIND_NODE", "node", lambda n, r: r)
     if values.get("verify_signature") and not values.get("signature_public_keys"):
+        switch = "PLUGIN_VERIFY_SIGNATURE" if env.get("PLUGIN_VERIFY_SIGNATURE") else None
         raise ConfigError(
-            "PLUGIN_VERIFY_SIGNATURE is on but PLUGIN_SIGNATURE_PUBLIC_KEYS names no key"
+            f"{switch} is on but PLUGIN_SIGNATURE_PUBLIC_KEYS names no key"
+            if switch
+            else "FORCE_VERIFYING_SIGNATURE is true but PLUGIN_SIGNATURE_PUBLIC_KEYS names no "
+            "key: plugind bundles no signing key, so give the path of each trusted public key "
+            "(Dify's official key for marketplace packages), or set FORCE_VERIFYING_SIGNATURE="
+            "false to accept unsigned packages"
         )
     if "plugin_dir" not in values and "embedded_dir" in values:
         values["plugin_dir"] = Path(str(values["embedded_dir"])) / "plugins"
     return Settings(**values)  # type: ignore[arg-type]
+
+
+def _from_dify_redis(env: Mapping[str, str], values: dict[str, object]) -> None:
+    """``REDIS_URL`` from Dify's ``REDIS_HOST``, ``_PORT``, ``_USERNAME``, ``_PASSWORD``, ``_DB``
+    and ``_USE_SSL``."""
+    host = env.get("REDIS_HOST", "")
+    if not host:
+        return
+    if _bool("REDIS_USE_SENTINEL", env.get("REDIS_USE_SENTINEL", "")):
+        raise ConfigError(
+            "REDIS_USE_SENTINEL: plugind does not speak Redis Sentinel; set REDIS_URL to the "
+            "primary instead"
+        )
+    port = _int("REDIS_PORT", env.get("REDIS_PORT") or "6379", low=1, high=65_535)
+    db = _int("REDIS_DB", env.get("REDIS_DB") or "0", low=0, high=1_000_000)
+    scheme = "rediss" if _bool("REDIS_USE_SSL", env.get("REDIS_USE_SSL", "")) else "redis"
+    user, password = env.get("REDIS_USERNAME", ""), env.get("REDIS_PASSWORD", "")
+    auth = ""
+    if user or password:
+        auth = f"{quote(user, safe='')}:{quote(password, safe='')}@" if password else f"{user}@"
+    values["redis_url"] = f"{scheme}://{auth}{_host(host)}:{port}/{db}"
+
+
+def _from_dify_db(env: Mapping[str, str], values: dict[str, object]) -> None:
+    """``DATABASE_URL`` from Dify's ``DB_HOST``/``PORT``/``USERNAME``/``PASSWORD``/``DATABASE``/
+    ``SSL_MODE`` (Dify's default database for its daemon is ``dify_plugin``)."""
+    host = env.get("DB_HOST", "")
+    if not host:
+        return
+    db_type = (env.get("DB_TYPE") or "postgresql").strip().lower()
+    if db_type not in ("postgresql", "postgres", "pgvector"):
+        raise ConfigError(f"DB_TYPE must be postgresql (plugind needs PostgreSQL), got {db_type!r}")
+    port = _int("DB_PORT", env.get("DB_PORT") or "5432", low=1, high=65_535)
+    user = quote(env.get("DB_USERNAME") or "postgres", safe="")
+    password = env.get("DB_PASSWORD", "")
+    auth = f"{user}:{quote(password, safe='')}@" if password else f"{user}@"
+    database = quote(env.get("DB_DATABASE") or "dify_plugin", safe="")
+    ssl_mode = (env.get("DB_SSL_MODE") or "").strip().lower()
+    modes = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+    if ssl_mode and ssl_mode not in modes:
+        raise ConfigError(f"DB_SSL_MODE must be one of {', '.join(modes)}, got {ssl_mode!r}")
+    query = f"?sslmode={ssl_mode}" if ssl_mode else ""
+    values["database_url"] = f"postgresql://{auth}{_host(host)}:{port}/{database}{query}"
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _schema(name: str, raw: str) -> str:
+    if not _SCHEMA_RE.match(raw):
+        raise ConfigError(
+            f"{name} must be a lower-case SQL name (letters, digits, _; 63 at most), got {raw!r}"
+        )
+    return raw
 
 
 def _absolute(path: Path) -> Path:

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import anyio
 import asyncpg
@@ -47,6 +48,7 @@ from plugind.installed.registry import Registry
 from plugind.messages import EventFactory
 from plugind.outage import Outages, is_postgres_outage, is_redis_outage
 from plugind.package.signature import load_public_keys
+from plugind.projections._db import create_pool, quote_ident
 from plugind.projections.migrate import migrate
 from plugind.projections.projector import Projector
 from plugind.runtime.pool import PluginPool
@@ -108,10 +110,12 @@ class Daemon:
             redis_url, database_url = await self._service_urls(stack)
             self.redis = await _connect_redis(redis_url, settings.connect_timeout)
             stack.push_async_callback(self.redis.aclose)
-            self.db = await _connect_postgres(database_url, settings.connect_timeout)
+            self.db = await _connect_postgres(
+                database_url, settings.connect_timeout, settings.db_schema
+            )
             stack.push_async_callback(self.db.close)
             async with self.db.acquire() as conn:
-                applied = await migrate(conn)
+                applied = await migrate(conn, schema=settings.db_schema)
             if applied:
                 log.info("Applied database migrations: %s", ", ".join(applied))
             self.plugins = PluginPool(
@@ -234,8 +238,16 @@ class Daemon:
                 outages=self.outages,
                 # a process without the worker role runs no plugin: its pool would look idle
                 plugin_pool=self.plugins if "worker" in self.roles else None,
+                api_key=settings.api_key,
+                extra_routes=self._dify_routes(),
             )
             servers.append(await self._serve(tg, "api", app, settings.http_port))
+            if not settings.api_key:
+                log.warning(
+                    "PLUGIND_API_KEY is not set: the Dify daemon API and the tenant read routes "
+                    "on port %d answer 401",
+                    settings.http_port,
+                )
         if "gateway" in self.roles:
             if settings.api_key:
                 from plugind.http.gateway import create_gateway_app
@@ -253,6 +265,23 @@ class Daemon:
             else:
                 log.warning("Write gateway not started: PLUGIND_API_KEY is not set")
         return servers
+
+    def _dify_routes(self) -> list[Any]:
+        """The Dify daemon API (``/plugin/{tenant}/…``): the one place the core imports it."""
+        from plugind.dify.app import dify_routes
+        from plugind.dify.deps import DifyDeps
+
+        assert self.redis is not None and self.db is not None
+        settings = self.settings
+        return dify_routes(
+            DifyDeps(
+                redis=self.redis,
+                keys=self.keys,
+                pool=self.db,
+                settings=settings,
+                signature_keys=tuple(load_public_keys(settings.signature_public_keys)),
+            )
+        )
 
     def _handler_context(self) -> HandlerContext:
         settings, keys = self.settings, self.keys
@@ -420,21 +449,40 @@ async def _connect_redis(url: str, timeout: float) -> aioredis.Redis:
     return await _until_up("REDIS_URL", url, timeout, connect)
 
 
-async def _connect_postgres(url: str, timeout: float) -> asyncpg.Pool:
+async def _connect_postgres(url: str, timeout: float, schema: str) -> asyncpg.Pool:
     async def connect() -> asyncpg.Pool:
         # min_size=0: asyncpg keeps no connection floor, so while Postgres is down it does not
         # log a traceback every few seconds trying to restore one ("Failed to restore the pool
         # connection floor"); the daemon's own watch reports the outage once instead.
-        pool = await asyncpg.create_pool(url, min_size=0, max_size=10, timeout=10)
         try:
-            await pool.fetchval("SELECT 1")  # with no floor, nothing has connected yet
-        except BaseException:
-            await pool.close()
-            raise
-        log.info("Database connection established: %s", mask_url(url))
+            pool = await create_pool(url, schema=schema, min_size=0, max_size=10, timeout=10)
+            try:
+                await pool.fetchval("SELECT 1")  # with no floor, nothing has connected yet
+            except BaseException:
+                await pool.close()
+                raise
+        except asyncpg.InvalidCatalogNameError:
+            # as Dify's daemon does with its `dify_plugin`: a fresh Dify has not made it yet
+            await _create_database(url)
+            pool = await create_pool(url, schema=schema, min_size=0, max_size=10, timeout=10)
+        log.info("Database connection established: %s (schema %s)", mask_url(url), schema)
         return pool
 
     return await _until_up("DATABASE_URL", url, timeout, connect)
+
+
+async def _create_database(url: str) -> None:
+    """Create the database ``url`` names, connecting to the server's ``postgres`` database."""
+    parts = urlsplit(url)
+    name = unquote(parts.path.lstrip("/"))
+    admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")), timeout=10)
+    try:
+        await admin.execute(f"CREATE DATABASE {quote_ident(name)}")
+        log.warning("Created database %s (it did not exist)", name)
+    except asyncpg.DuplicateDatabaseError:
+        pass  # another node made it meanwhile
+    finally:
+        await admin.close()
 
 
 @contextlib.asynccontextmanager

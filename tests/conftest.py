@@ -145,12 +145,13 @@ async def redis(redis_url: str, keys: Keys) -> AsyncIterator[aioredis.Redis]:
 
 @pytest.fixture
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    """A connection pool on this test's database, migrated."""
+    """A connection pool on this test's database, migrated, in plugind's schema as the daemon's."""
+    from plugind.projections._db import DEFAULT_SCHEMA, create_pool
     from plugind.projections.migrate import migrate
 
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=6)
+    pool = await create_pool(database_url, min_size=1, max_size=6)
     async with pool.acquire() as conn:
-        await migrate(conn)
+        await migrate(conn, schema=DEFAULT_SCHEMA)
     yield pool
     await pool.close()
 

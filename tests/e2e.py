@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import asyncpg
 import pytest
 
 from plugind.client import Client
 from plugind.config import Settings
+from plugind.projections._db import connect
 
 if TYPE_CHECKING:
     from plugind.daemon import Daemon
@@ -73,7 +73,7 @@ async def eventually(
 ) -> Any:
     """Poll ``sql`` until it returns a row (or ``expect``): the projector is asynchronous."""
     deadline = time.monotonic() + timeout
-    conn = await asyncpg.connect(db_url)
+    conn = await connect(db_url)
     try:
         while True:
             row = await conn.fetchrow(sql, *args)

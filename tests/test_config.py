@@ -9,6 +9,8 @@ import pytest
 from plugind.config import load_settings, mask_url
 from plugind.errors import ConfigError
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def test_defaults_mean_the_embedded_services() -> None:
     settings = load_settings({})
@@ -73,3 +75,159 @@ def test_relative_paths_are_resolved_against_the_starting_directory(
     assert (relative.plugin_dir, relative.embedded_dir) == (tmp_path / "plugins", tmp_path / "data")
     monkeypatch.chdir("/")
     assert relative.plugin_dir == tmp_path / "plugins"  # fixed at start, not at each use
+
+
+# -- Dify's names for the daemon's settings (drop-in) -------------------------------------------
+
+DIFY_COMPOSE_ENV = {
+    # what Dify's docker-compose passes to its plugin_daemon service (defaults of docker/.env)
+    "SERVER_PORT": "5002",
+    "SERVER_KEY": "lYkiYYT6owG+71oLerGzA7GXCgOT++6ovaezWAjpCjf+Sjc3ZtU+qUEi",
+    "DIFY_INNER_API_URL": "http://api:5001",
+    "DIFY_INNER_API_KEY": "QaHbTe77CtuXmsfyhR7+vRjI/+XbV1AaFy691iy+kGDv2Jvy0/eAh8Y1",
+    "DB_HOST": "db_postgres",
+    "DB_PORT": "5432",
+    "DB_USERNAME": "postgres",
+    "DB_PASSWORD": "difyai123456",
+    "DB_DATABASE": "dify_plugin",
+    "DB_SSL_MODE": "disable",
+    "REDIS_HOST": "redis",
+    "REDIS_PORT": "6379",
+    "REDIS_PASSWORD": "difyai123456",
+    "REDIS_DB": "0",
+    "REDIS_USE_SSL": "false",
+    "PLUGIN_MAX_EXECUTION_TIMEOUT": "600",
+    "MAX_PLUGIN_PACKAGE_SIZE": "52428800",
+    "PLUGIN_REMOTE_INSTALLING_HOST": "0.0.0.0",
+    "PLUGIN_REMOTE_INSTALLING_PORT": "5003",
+    "FORCE_VERIFYING_SIGNATURE": "false",
+    "PLUGIN_WORKING_PATH": "/app/storage/cwd",
+    "PLUGIN_STORAGE_LOCAL_ROOT": "/app/storage",
+    "PIP_MIRROR_URL": "https://pypi.example.org/simple",
+    "PYTHON_ENV_INIT_TIMEOUT": "120",
+}
+
+
+def test_dify_compose_environment_is_understood() -> None:
+    settings = load_settings(DIFY_COMPOSE_ENV)
+    assert not settings.embedded
+    assert settings.database_url == (
+        "postgresql://postgres:difyai123456@db_postgres:5432/dify_plugin?sslmode=disable"
+    )
+    assert settings.redis_url == "redis://:difyai123456@redis:6379/0"
+    assert settings.api_key == DIFY_COMPOSE_ENV["SERVER_KEY"]
+    assert (settings.http_port, settings.gateway_port) == (5002, 5003)
+    assert settings.dify_api_url == "http://api:5001"
+    assert settings.dify_inner_api_key == DIFY_COMPOSE_ENV["DIFY_INNER_API_KEY"]
+    assert settings.task_timeout == 600 and settings.install_timeout == 120
+    assert settings.max_package_size == 52428800
+    assert settings.plugin_dir == Path("/app/storage/cwd")
+    assert settings.plugin_pip_index_url == "https://pypi.example.org/simple"
+    assert not settings.verify_signature
+    assert settings.db_schema == "plugind"
+
+
+def test_plugind_names_win_over_dify_names() -> None:
+    settings = load_settings(
+        {
+            **DIFY_COMPOSE_ENV,
+            "DATABASE_URL": "postgresql://me@pg/plugind",
+            "REDIS_URL": "redis://r:6380/1",
+            "PLUGIND_API_KEY": "own",
+            "PLUGIND_HTTP_PORT": "7002",
+            "PLUGIN_TASK_TIMEOUT": "30",
+            "PLUGIN_DIR": "/srv/plugins",
+            "PLUGIND_DB_SCHEMA": "plugind_b",
+        }
+    )
+    assert settings.database_url == "postgresql://me@pg/plugind"
+    assert settings.redis_url == "redis://r:6380/1"
+    assert (settings.api_key, settings.http_port, settings.task_timeout) == ("own", 7002, 30)
+    assert settings.plugin_dir == Path("/srv/plugins")
+    assert settings.db_schema == "plugind_b"
+
+
+def test_dify_connection_settings_are_quoted_and_optional() -> None:
+    settings = load_settings(
+        {
+            "DB_HOST": "db",
+            "DB_PASSWORD": "p@ss:w/rd",
+            "DB_SSL_MODE": "require",
+            "REDIS_HOST": "::1",
+            "REDIS_USERNAME": "default",
+            "REDIS_PASSWORD": "a@b",
+            "REDIS_USE_SSL": "true",
+            "REDIS_DB": "2",
+        }
+    )
+    assert settings.database_url == (
+        "postgresql://postgres:p%40ss%3Aw%2Frd@db:5432/dify_plugin?sslmode=require"
+    )
+    assert settings.redis_url == "rediss://default:a%40b@[::1]:6379/2"
+    assert mask_url(settings.database_url) == (
+        "postgresql://postgres:***@db:5432/dify_plugin?sslmode=require"
+    )
+    bare = load_settings({"DB_HOST": "db", "REDIS_HOST": "cache"})
+    assert bare.database_url == "postgresql://postgres@db:5432/dify_plugin"
+    assert bare.redis_url == "redis://cache:6379/0"
+    assert load_settings({}).task_timeout == 600  # Dify's default, without any setting
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"SERVER_PORT": "http"}, "SERVER_PORT must be an integer"),
+        ({"DB_HOST": "db", "DB_PORT": "x"}, "DB_PORT must be an integer"),
+        ({"DB_HOST": "db", "DB_TYPE": "mysql"}, "DB_TYPE must be postgresql"),
+        ({"DB_HOST": "db", "DB_SSL_MODE": "sometimes"}, "DB_SSL_MODE must be one of"),
+        ({"REDIS_HOST": "r", "REDIS_USE_SSL": "maybe"}, "REDIS_USE_SSL must be true or false"),
+        ({"REDIS_HOST": "r", "REDIS_USE_SENTINEL": "true"}, "REDIS_USE_SENTINEL"),
+        ({"PLUGIN_MAX_EXECUTION_TIMEOUT": "0"}, "PLUGIN_MAX_EXECUTION_TIMEOUT must be greater"),
+        ({"MAX_PLUGIN_PACKAGE_SIZE": "big"}, "MAX_PLUGIN_PACKAGE_SIZE must be an integer"),
+        ({"PIP_MIRROR_URL": "mirror"}, "PIP_MIRROR_URL must start with"),
+        ({"FORCE_VERIFYING_SIGNATURE": "true"}, "FORCE_VERIFYING_SIGNATURE is true but"),
+        ({"PLUGIND_DB_SCHEMA": "Bad-Name"}, "PLUGIND_DB_SCHEMA must be"),
+    ],
+)
+def test_bad_dify_values_name_the_variable_read(env: dict[str, str], says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
+        load_settings(env)
+
+
+def test_force_verifying_signature_with_a_key(tmp_path: Path) -> None:
+    key = tmp_path / "dify.pem"
+    key.write_text("-----BEGIN PUBLIC KEY-----\n-----END PUBLIC KEY-----\n")
+    settings = load_settings(
+        {"FORCE_VERIFYING_SIGNATURE": "true", "PLUGIN_SIGNATURE_PUBLIC_KEYS": str(key)}
+    )
+    assert settings.verify_signature and settings.signature_public_keys == (key,)
+
+
+def test_the_compose_override_for_dify_gives_a_valid_configuration() -> None:
+    """deploy/docker-compose.dify.yaml over Dify's plugin_daemon service starts as is.
+
+    Compose merges the two `environment` maps; `${VAR:-default}` takes its default here, as
+    on a Dify whose .env leaves plugind's variables alone (Dify's own default for
+    FORCE_VERIFYING_SIGNATURE is true).
+    """
+    import re
+
+    import yaml
+
+    override = yaml.safe_load((REPO / "deploy" / "docker-compose.dify.yaml").read_text())
+    service = override["services"]["plugin_daemon"]
+    assert set(override["services"]) == {"plugin_daemon"}
+    assert "curl" in " ".join(service["healthcheck"]["test"])
+
+    def expand(value: str) -> str:
+        return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", lambda m: m.group(1), str(value))
+
+    env = {**DIFY_COMPOSE_ENV, "FORCE_VERIFYING_SIGNATURE": "true"}
+    env.update({k: expand(v) for k, v in service["environment"].items()})
+    settings = load_settings(env)
+    assert settings.plugin_dir == Path("/app/storage/plugind")
+    assert not settings.verify_signature
+    assert settings.database_url is not None and "/dify_plugin" in settings.database_url
+    assert (settings.api_key, settings.http_port) == (DIFY_COMPOSE_ENV["SERVER_KEY"], 5002)
+    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
+    assert re.search(r"apt-get install [^\n]*\bcurl\b", dockerfile)

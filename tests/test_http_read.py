@@ -32,6 +32,7 @@ from plugind.projections.projector import Projector
 
 pytestmark = pytest.mark.anyio
 ev = EventFactory("test-node")
+KEY = "read-key"
 
 
 @pytest.fixture
@@ -44,14 +45,16 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 
 def client(app: Starlette) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test", headers={"X-Api-Key": KEY}
+    )
 
 
 @pytest.fixture
 async def api(
     redis: aioredis.Redis, pool: asyncpg.Pool, keys: Keys
 ) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_read_app(redis=redis, pool=pool, keys=keys, version="9.9.9")
+    app = create_read_app(redis=redis, pool=pool, keys=keys, version="9.9.9", api_key=KEY)
     async with client(app) as c:
         yield c
 
@@ -125,7 +128,9 @@ async def test_health_degraded_when_projector_lags(
         attempt=1,
     )
     await redis.xadd(keys.events, {"event": encode(event)})
-    app = create_read_app(redis=redis, pool=pool, keys=keys, version="1", lag_threshold=0)
+    app = create_read_app(
+        redis=redis, pool=pool, keys=keys, version="1", api_key=KEY, lag_threshold=0
+    )
     async with client(app) as c:
         response = await c.get("/health")
     assert response.status_code == 503
@@ -165,7 +170,7 @@ async def test_health_unhealthy_names_postgres(
         f"postgresql://postgres@127.0.0.1:{port}/none", min_size=0, max_size=1, timeout=30
     )
     try:
-        app = create_read_app(redis=redis, pool=dead, keys=keys, version="1")
+        app = create_read_app(redis=redis, pool=dead, keys=keys, version="1", api_key=KEY)
         async with client(app) as c:
             started = time.monotonic()
             response = await c.get("/health")
@@ -191,7 +196,7 @@ async def test_health_unhealthy_names_redis(
     # no retries: redis-py would otherwise back off until the probe's deadline
     dead = aioredis.Redis(host="127.0.0.1", port=closed_port, retry=Retry(NoBackoff(), 0))
     try:
-        app = create_read_app(redis=dead, pool=pool, keys=keys, version="1")
+        app = create_read_app(redis=dead, pool=pool, keys=keys, version="1", api_key=KEY)
         async with client(app) as c:
             response = await c.get("/health")
             metrics = await c.get("/metrics")
@@ -324,7 +329,7 @@ async def test_metrics_per_app(redis: aioredis.Redis, pool: asyncpg.Pool, keys: 
     await project(redis, pool, keys, *_task_events("r1", "acme/calc", 4.0))
     await redis.xadd(keys.events, {"event": b"{}"})  # one event not projected yet
     for _ in range(2):  # two apps in one process must not clash over a global registry
-        app = create_read_app(redis=redis, pool=pool, keys=keys, version="1")
+        app = create_read_app(redis=redis, pool=pool, keys=keys, version="1", api_key=KEY)
         async with client(app) as c:
             response = await c.get("/metrics")
         assert response.status_code == 200
@@ -341,7 +346,7 @@ async def test_health_before_migrations(
 ) -> None:
     bare = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     try:
-        app = create_read_app(redis=redis, pool=bare, keys=keys, version="1")
+        app = create_read_app(redis=redis, pool=bare, keys=keys, version="1", api_key=KEY)
         async with client(app) as c:
             response = await c.get("/health")
     finally:

@@ -35,6 +35,7 @@ from plugind.messages import (
     TaskStarted,
     event_type,
 )
+from plugind.projections._db import connect
 
 # Packages larger than this go through the package store (when the CLI can reach Postgres).
 INLINE_PACKAGE_LIMIT = 1024 * 1024
@@ -58,9 +59,9 @@ async def cmd_migrate(args: argparse.Namespace) -> int:
     _redis_url, database_url = service_urls(settings)
     if database_url is None:
         raise CliError("DATABASE_URL is not set and no embedded daemon is running here")
-    conn = await asyncpg.connect(database_url)
+    conn = await connect(database_url, schema=settings.db_schema)
     try:
-        applied = await migrate(conn)
+        applied = await migrate(conn, schema=settings.db_schema)
     finally:
         await conn.close()
     print(f"applied: {', '.join(applied)}" if applied else "database is up to date")
@@ -153,7 +154,7 @@ async def _through_the_store(data: bytes, database_url: str, settings: Settings)
         )
     except PlugindError as exc:
         raise CliError(f"{exc.code}: {exc.message}") from exc
-    conn = await asyncpg.connect(database_url)
+    conn = await connect(database_url, schema=settings.db_schema)
     try:
         await store_package(conn, package)
     finally:
@@ -199,7 +200,7 @@ async def cmd_events(args: argparse.Namespace) -> int:
     from plugind.projections.queries import MAX_EVENTS_LIMIT, query_events
 
     since = _since(args.since)
-    conn = await asyncpg.connect(database_url)
+    conn = await connect(database_url, schema=settings.db_schema)
     try:
         wanted, after = max(1, min(args.limit, 100_000)), None
         while wanted > 0:
@@ -301,7 +302,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
     if database_url is not None:
         from plugind.projections.queries import list_checkpoints
 
-        conn = await asyncpg.connect(database_url)
+        conn = await connect(database_url, schema=settings.db_schema)
         try:
             report["projections"] = {
                 cp.name: {"last_stream_id": cp.last_stream_id, "last_position": cp.last_position}

@@ -23,6 +23,7 @@ from plugind.cli.commands import (
     cmd_status,
     cmd_uninstall,
 )
+from plugind.cli.import_dify import cmd_import_dify
 from plugind.cli.ops import cmd_audit, cmd_dlq
 from plugind.cli.projections import cmd_rebuild, cmd_replay
 from plugind.config import load_settings
@@ -172,6 +173,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("action", choices=("rebuild",))
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = add(
+        "import-dify",
+        cmd_import_dify,
+        "Install for each tenant the plugins that Dify's own plugin daemon had installed "
+        "(read from its database and package storage; it is left unchanged).",
+        "plugind import-dify --storage /app/storage --wait",
+    )
+    p.add_argument(
+        "--storage",
+        help="the upstream daemon's storage root, holding plugin_packages/ (default: "
+        "$PLUGIN_STORAGE_LOCAL_ROOT, else /app/storage)",
+    )
+    p.add_argument(
+        "--database-url",
+        help="the upstream daemon's database (default: DATABASE_URL, as both share dify_plugin)",
+    )
+    p.add_argument(
+        "--tenant", action="append", default=[], help="only this tenant (may be repeated)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="show what would be installed")
+    p.add_argument("--wait", action="store_true", help="wait for each install to end")
+    p.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds --wait waits for each (default 600)"
+    )
 
     add(
         "status",

@@ -18,6 +18,7 @@ import orjson
 from plugind.cli.support import service_urls
 from plugind.config import Settings
 from plugind.errors import CliError
+from plugind.projections._db import connect
 from plugind.projections.queries import rfc3339
 from plugind.projections.rebuild import RebuildResult, rebuild_read_models
 from plugind.projections.replay import Progress, ReplayState, state_at
@@ -30,7 +31,7 @@ async def database(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
     if database_url is None:
         raise CliError("DATABASE_URL is not set and no embedded daemon is running here")
     try:
-        conn = await asyncpg.connect(database_url)
+        conn = await connect(database_url, schema=settings.db_schema)
     except (OSError, asyncpg.PostgresError) as exc:
         raise CliError(f"cannot connect to Postgres: {exc}") from None
     try:

@@ -3,12 +3,17 @@
 Everything here reads; the projector is the only writer of what it serves. Errors are JSON
 ``{"error": {"code", "message"}}``: 400 for a bad query parameter (the message says which and
 what is accepted), 404 for an unknown task or route, 503 when Postgres cannot be reached.
+
+The routes that return tenants' data need ``X-Api-Key`` (:mod:`plugind.http.auth`); health,
+metrics and the aggregate stats are open. The daemon mounts the Dify daemon API on the same
+app through ``extra_routes``, behind the same key.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -18,12 +23,14 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from plugind.bus.keys import Keys
 from plugind.errors import BadParameterError, ErrorCode
+from plugind.http.auth import ApiKeyGuard
 from plugind.http.health import check_health
 from plugind.http.metrics import render_metrics
 from plugind.outage import Outages, describe, is_postgres_outage
@@ -115,12 +122,16 @@ def create_read_app(
     lag_threshold: int = 10_000,
     outages: Outages | None = None,
     plugin_pool: PluginPool | None = None,
+    api_key: str | None = None,
+    extra_routes: Sequence[BaseRoute] = (),
 ) -> Starlette:
     """The read API app; it owns nothing, so closing ``redis`` and ``pool`` is the caller's job.
 
     ``outages`` (the daemon's trackers) feeds ``/health``'s probes into the outage log and
     ``/metrics``'s outage counters. ``plugin_pool`` is the plugin pool of this process, for
-    ``/health``; ``None`` where the process runs no worker.
+    ``/health``; ``None`` where the process runs no worker. ``api_key`` guards the tenants'
+    data (without one those routes answer 401); ``extra_routes`` are mounted after the read
+    routes, behind the same guard.
     """
 
     async def health(request: Request) -> Response:
@@ -134,6 +145,10 @@ def create_read_app(
             plugins=plugin_pool,
         )
         return JSONResponse(report.to_dict(), status_code=report.http_status)
+
+    async def liveness(request: Request) -> Response:
+        # upstream's liveness path: the process answers, whatever its dependencies say
+        return JSONResponse({"status": "ok", "version": version})
 
     async def metrics(request: Request) -> Response:
         body = await render_metrics(redis, pool, keys, outages)
@@ -200,12 +215,15 @@ def create_read_app(
     return Starlette(
         routes=[
             Route("/health", health),
+            Route("/health/check", liveness),
             Route("/metrics", metrics),
             Route("/api/v1/plugins/stats", stats),
             Route("/api/v1/plugins", plugins),
             Route("/api/v1/tasks/{request_id:str}", task),
             Route("/api/v1/events", events),
+            *extra_routes,
         ],
+        middleware=[Middleware(ApiKeyGuard, api_key=api_key)],
         exception_handlers={
             BadParameterError: _bad_parameter,
             HTTPException: _http_error,

@@ -25,7 +25,7 @@ from plugind.projections.package_store import get_package_by_identifier
 from plugind.runtime.environment import ensure_environment
 from plugind.runtime.interpreter import find_plugin_python
 
-log = logging.getLogger("plugind.runtime")
+log = logging.getLogger(__name__)
 
 Progress = Callable[[str, str], Awaitable[None]]
 

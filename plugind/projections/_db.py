@@ -1,4 +1,4 @@
-"""Type aliases for the asyncpg objects the projection code accepts.
+"""How plugind connects to Postgres, and type aliases for the asyncpg objects it passes around.
 
 A pool's ``acquire()`` yields a proxy, not a ``Connection``; both run queries the same way, so
 functions that need one connection take :data:`Conn`, and those happy with a pool take
@@ -9,13 +9,48 @@ functions that need one connection take :data:`Conn`, and those happy with a poo
 from __future__ import annotations
 
 import hashlib
-from typing import Final, TypeAlias
+from typing import Any, Final, TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 Conn: TypeAlias = asyncpg.Connection | PoolConnectionProxy
 Executor: TypeAlias = Conn | asyncpg.Pool
+
+# plugind keeps its tables in a schema of its own, so it can share a database with other
+# software (Dify's daemon keeps `plugins`, `install_tasks`... in `public`). Every connection
+# plugind opens sets `search_path` to that schema alone: SQL stays unqualified, and a table of
+# the same name in another schema is never seen.
+DEFAULT_SCHEMA: Final = "plugind"
+
+
+def schema_settings(schema: str) -> dict[str, str]:
+    """asyncpg ``server_settings`` for a connection that works in ``schema``.
+
+    Sent at start-up, so ``RESET ALL`` (which a pool runs when a connection is released)
+    returns to it.
+    """
+    return {"search_path": quote_ident(schema)}
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def connect(url: str, *, schema: str = DEFAULT_SCHEMA, **options: Any) -> asyncpg.Connection:
+    """A connection to plugind's database, working in plugind's schema."""
+    connection: asyncpg.Connection = await asyncpg.connect(
+        url, server_settings=schema_settings(schema), **options
+    )
+    return connection
+
+
+async def create_pool(url: str, *, schema: str = DEFAULT_SCHEMA, **options: Any) -> asyncpg.Pool:
+    """A connection pool on plugind's database, every connection in plugind's schema."""
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        url, server_settings=schema_settings(schema), **options
+    )
+    return pool
 
 
 def advisory_key(name: str) -> int:

@@ -3,6 +3,10 @@
 Every daemon runs :func:`migrate` at start, so several may race: the transaction-level advisory
 lock makes them queue, and the second finds nothing left to do. Each file runs in the same
 transaction as its ``schema_migrations`` row, so a failed migration leaves no trace.
+
+Given a ``schema``, the tables go there (created if missing), whatever the connection's
+``search_path``; a database where an earlier plugind kept its tables in ``public`` has them
+moved into the schema first, so upgrading keeps the event log.
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
-from plugind.projections._db import Conn, advisory_key
+from plugind.projections._db import Conn, advisory_key, quote_ident
 
 log = logging.getLogger(__name__)
 
 MIGRATION_LOCK_KEY = advisory_key("plugind:migrate")
 _NAME_RE = re.compile(r"^(\d{3,})_([a-z0-9_]+)\.sql$")
+_CREATE_TABLE_RE = re.compile(r"^\s*CREATE TABLE (?:IF NOT EXISTS )?([a-z_][a-z0-9_]*)", re.M)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,11 +52,19 @@ def available_migrations() -> list[Migration]:
     return found
 
 
-async def migrate(conn: Conn) -> list[str]:
-    """Apply the migrations this database lacks; returns the versions applied (oldest first)."""
+async def migrate(conn: Conn, *, schema: str | None = None) -> list[str]:
+    """Apply the migrations this database lacks; returns the versions applied (oldest first).
+
+    ``schema``: where plugind's tables live (created if missing); None keeps the connection's
+    own ``search_path``.
+    """
     applied_now: list[str] = []
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+        if schema is not None:
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
+            await conn.execute(f"SET LOCAL search_path TO {quote_ident(schema)}")
+            await _adopt_legacy_tables(conn, schema)
         await conn.execute(
             """
             CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -83,3 +96,42 @@ async def migrate(conn: Conn) -> list[str]:
             applied_now.append(migration.version)
             log.info("Applied database migration %s_%s", migration.version, migration.name)
     return applied_now
+
+
+async def _adopt_legacy_tables(conn: Conn, schema: str) -> None:
+    """Move an older plugind's tables from ``public`` into ``schema``, once.
+
+    Only when ``schema`` has no ``schema_migrations`` yet and ``public`` holds plugind's own
+    (its ``001_initial`` row and an ``event_log`` with a hash chain): tables of the same names
+    that belong to other software (Dify's daemon has a ``plugins`` table) are never touched.
+    """
+    if schema == "public":
+        return
+    found = await conn.fetchval(
+        """
+        SELECT to_regclass(format('%I.schema_migrations', $1::text)) IS NULL
+           AND to_regclass('public.schema_migrations') IS NOT NULL
+           AND EXISTS (SELECT 1 FROM information_schema.columns
+                       WHERE table_schema = 'public' AND table_name = 'event_log'
+                         AND column_name = 'hash')
+        """,
+        schema,
+    )
+    if not found:
+        return
+    ours = await conn.fetchval(
+        "SELECT count(*) FROM public.schema_migrations WHERE version = '001' AND name = 'initial'"
+    )
+    if not ours:
+        return
+    tables = ["schema_migrations"] + [
+        name for m in available_migrations() for name in _CREATE_TABLE_RE.findall(m.sql)
+    ]
+    moved = []
+    for table in tables:
+        if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"public.{table}"):
+            await conn.execute(f"ALTER TABLE public.{table} SET SCHEMA {quote_ident(schema)}")
+            moved.append(table)
+    log.warning(
+        "Moved plugind's tables from schema public to schema %s: %s", schema, ", ".join(moved)
+    )

@@ -26,7 +26,7 @@ import anyio.lowlevel
 
 from plugind.runtime import protocol
 
-log = logging.getLogger("plugind.runtime")
+log = logging.getLogger(__name__)
 plugin_log = logging.getLogger("plugind.plugin")
 
 _READ_SIZE = 1024 * 1024

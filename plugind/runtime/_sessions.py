@@ -21,7 +21,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from plugind.errors import PlugindError
 from plugind.runtime import protocol
 
-log = logging.getLogger("plugind.runtime")
+log = logging.getLogger(__name__)
 
 Item = tuple[
     str, Any

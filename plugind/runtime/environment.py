@@ -30,7 +30,7 @@ import uv
 from plugind.errors import PlugindError
 from plugind.runtime._env import uv_env
 
-log = logging.getLogger("plugind.runtime")
+log = logging.getLogger(__name__)
 
 VENV = ".venv"
 MARKER = ".plugind-env"  # inside the venv, written last

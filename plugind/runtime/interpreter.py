@@ -18,7 +18,7 @@ from pathlib import Path
 
 from plugind.errors import PlugindError
 
-log = logging.getLogger("plugind.runtime")
+log = logging.getLogger(__name__)
 
 MIN_VERSION = (3, 12)
 PROBE_TIMEOUT = 15.0

@@ -29,7 +29,7 @@ from plugind.errors import PlugindError
 from plugind.package import parse_yaml
 from plugind.runtime.process import PluginProcess
 
-log = logging.getLogger("plugind.runtime")
+log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 
