@@ -509,7 +509,10 @@ async def test_tasks_keep_running_while_postgres_is_down(
         client = traffic.client
         installed = await client.wait(await client.install(tester_package), timeout=300)
         assert isinstance(installed, Installed), installed
-        http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{daemon.ports['api']}")
+        http = httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{daemon.ports['api']}",
+            headers={"X-Api-Key": config.api_key or ""},
+        )
         async with http, anyio.create_task_group() as tg:
             await tg.start(traffic.run)
             await anyio.sleep(1)

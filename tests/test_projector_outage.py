@@ -18,6 +18,7 @@ from anyio.abc import SocketStream, TaskGroup
 
 from plugind.bus.keys import PROJECTOR_GROUP, Keys
 from plugind.messages import EventFactory, TaskStarted, encode
+from plugind.projections._db import create_pool
 from plugind.projections.hashchain import verify_event_log
 from plugind.projections.projector import Projector
 
@@ -178,9 +179,7 @@ async def test_a_postgres_outage_is_logged_once_and_ridden_out(
     async with anyio.create_task_group() as tg:
         cutter = TcpCutter(target)
         await cutter.up(tg)
-        flaky = await asyncpg.create_pool(
-            _through(database_url, cutter.port), min_size=0, max_size=3
-        )
+        flaky = await create_pool(_through(database_url, cutter.port), min_size=0, max_size=3)
         projector = Projector(redis, flaky, keys, "node-a", block_ms=20)
         tg.start_soon(projector.run)
         await publish(redis, keys, "a1", "a2")
