@@ -47,16 +47,29 @@ def read_entries(reply: Any) -> list[tuple[str, dict[Any, Any]]]:
     An entry deleted while pending comes back without fields: it is kept, with ``{}``, because a
     group reader still has to acknowledge it.
     """
+    return [(entry_id, fields) for _stream, entry_id, fields in read_stream_entries(reply)]
+
+
+def read_stream_entries(reply: Any) -> list[tuple[str, str, dict[Any, Any]]]:
+    """``(stream, entry_id, fields)`` of an XREAD reply over one or more streams, stream by
+    stream (see :func:`read_entries`)."""
     if not reply:
         return []
-    streams = reply.values() if isinstance(reply, dict) else (s[1] for s in reply)
-    out: list[tuple[str, dict[Any, Any]]] = []
-    for entries in streams:
+    streams = reply.items() if isinstance(reply, dict) else ((s[0], s[1]) for s in reply)
+    out: list[tuple[str, str, dict[Any, Any]]] = []
+    for stream, entries in streams:
+        name = text(stream)
         for entry_id, fields in entries:
             if isinstance(fields, list):
                 fields = dict(zip(fields[::2], fields[1::2], strict=True))
-            out.append((text(entry_id), dict(fields) if fields else {}))
+            out.append((name, text(entry_id), dict(fields) if fields else {}))
     return out
+
+
+def id_order(entry_id: str) -> tuple[int, int]:
+    """A stream id as a sort key: ids of different streams of one Redis compare by time."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def preview(fields: dict[bytes, bytes]) -> str:

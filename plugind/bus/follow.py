@@ -49,9 +49,14 @@ async def events_tail(redis: aioredis.Redis, keys: Keys) -> str:
 
 async def event_at(redis: aioredis.Redis, keys: Keys, entry_id: str) -> AnyEvent | None:
     """The event at ``entry_id``, or None if it was trimmed (the event log still has it)."""
-    entries: Any = await redis.xrange(keys.events, min=entry_id, max=entry_id, count=1)
-    raw = field(entries[0][1], EVENT_FIELD) if entries else None
+    raw = await raw_event_at(redis, keys, entry_id)
     return decode_event(raw) if raw is not None else None
+
+
+async def raw_event_at(redis: aioredis.Redis, keys: Keys, entry_id: str) -> bytes | None:
+    """The JSON of the event at ``entry_id`` as appended, or None if it was trimmed."""
+    entries: Any = await redis.xrange(keys.events, min=entry_id, max=entry_id, count=1)
+    return field(entries[0][1], EVENT_FIELD) if entries else None
 
 
 def _needle(request_id: str) -> bytes | None:
@@ -122,7 +127,7 @@ class EventFollower:
             entries = read_entries(reply)
             for entry_id, fields in entries:
                 self.cursor = entry_id
-                followed = self._decode(entry_id, fields)
+                followed = self.decode(entry_id, fields)
                 if followed is not None:
                     self._ready.append(followed)
             now = anyio.current_time()
@@ -135,7 +140,12 @@ class EventFollower:
                 return None
         return self._ready.popleft()
 
-    def _decode(self, entry_id: str, fields: dict[Any, Any]) -> FollowedEvent | None:
+    def decode(self, entry_id: str, fields: dict[Any, Any]) -> FollowedEvent | None:
+        """The entry as an event for this follower, or None (not an event, another request's).
+
+        Public so that a reader of the events stream together with another stream
+        (:class:`plugind.bus.output.OutputFollower`) filters them the same way.
+        """
         raw = field(fields, EVENT_FIELD)
         if raw is None or (self._needle is not None and self._needle not in raw):
             return None

@@ -2,14 +2,15 @@
 
 A dispatch publishes a task command with ``"stream": true``; the worker running it appends each
 plugin chunk to ``{ns}:out:<request_id>`` as it arrives (field ``chunk``) and, in the same atomic
-step as the terminal event, one entry ``end`` holding that event. The relay reads that stream
-with ``XREAD BLOCK`` and writes one ``data: <envelope>`` frame per entry, so a token reaches the
-HTTP client one Redis round trip after the plugin wrote it. Nothing else is ever written (no
-keep-alive comments): dify-api parses every non-blank line as JSON.
+step as the terminal event, one entry ``end`` holding that event. The relay follows that stream
+(:class:`plugind.bus.output.OutputFollower`, ``XREAD BLOCK``) and writes one
+``data: <envelope>`` frame per entry, so a token reaches the HTTP client one Redis round trip
+after the plugin wrote it. Nothing else is ever written (no keep-alive comments): dify-api
+parses every non-blank line as JSON.
 
 Requests that end without an ``end`` entry (a rejected or dead-lettered command) are noticed
-through their ``done`` marker whenever the stream is idle, and a request that never ends gets
-the upstream timeout frame at its deadline.
+by the follower through their ``done`` marker whenever the stream is idle, and a request that
+never ends gets the upstream timeout frame at its deadline.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, Final
+from typing import Final
 
 import anyio
 import msgspec
@@ -26,8 +27,8 @@ import redis.exceptions as redis_errors
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from plugind.bus.codec import EVENT_FIELD, text
 from plugind.bus.keys import Keys
+from plugind.bus.output import Chunk, End, Output, OutputFollower
 from plugind.dify import envelope as env
 from plugind.dify.envelope import DifyError
 from plugind.messages import (
@@ -37,13 +38,10 @@ from plugind.messages import (
     TaskFailed,
     TaskSucceeded,
     TaskTimedOut,
-    decode_event,
 )
 
 log = logging.getLogger(__name__)
 
-CHUNK_FIELD: Final = b"chunk"
-END_FIELD: Final = b"end"
 # How long one XREAD blocks before the relay looks at the done marker and its deadline.
 IDLE_CHECK_S: Final = 2.0
 READ_COUNT: Final = 512
@@ -97,75 +95,44 @@ async def relay(
 async def _relay(
     redis: aioredis.Redis, keys: Keys, request_id: str, deadline_s: float, idle_check_s: float
 ) -> AsyncIterator[bytes]:
-    out = keys.out(request_id)
-    cursor = "0-0"
-    deadline = anyio.current_time() + deadline_s
-    while True:
-        remaining = deadline - anyio.current_time()
-        if remaining <= 0:
-            log.warning("Dify stream %s: no outcome within %gs", request_id, deadline_s)
-            yield env.sse_error(env.timeout_error())
-            return
-        block_ms = max(1, int(min(remaining, idle_check_s) * 1000))
-        reply: Any = await redis.xread({out: cursor}, count=READ_COUNT, block=block_ms)
-        if reply:
-            frames, cursor, done = _frames(reply[0][1], cursor)
-            if frames:
-                yield b"".join(frames)  # what came in one read leaves in one write
-            if done:
-                return
+    output = OutputFollower(
+        redis,
+        keys,
+        request_id,
+        block_ms=max(1, int(idle_check_s * 1000)),
+        count=READ_COUNT,
+        until=anyio.current_time() + deadline_s,
+    )
+    async for batch in output:
+        if batch is None:
             continue
-        # Idle: did the request end without writing its output stream's end?
-        marker: Any = await redis.get(keys.done(request_id))
-        if not marker:
-            continue
-        # It ended. Drain what reached the output stream meanwhile, then its outcome.
-        rest: Any = await redis.xrange(out, min=f"({cursor}" if cursor != "0-0" else "-")
-        frames, cursor, done = _frames(rest, cursor)
-        if not done:
-            event = await _event_at(redis, keys, text(marker))
-            err: DifyError | None
-            if event is None:
-                err = env.internal_error(
-                    f"request {request_id} ended but its outcome is no longer in the events stream"
-                )
-            else:
-                err = terminal_error(event)
-            if err is not None:
-                frames.append(env.sse_error(err))
+        frames = [frame for item in batch if (frame := _frame(item, request_id)) is not None]
         if frames:
-            yield b"".join(frames)
-        return
+            yield b"".join(frames)  # what came in one read leaves in one write
+    if not output.ended:
+        log.warning("Dify stream %s: no outcome within %gs", request_id, deadline_s)
+        yield env.sse_error(env.timeout_error())
 
 
-def _frames(entries: list[Any], cursor: str) -> tuple[list[bytes], str, bool]:
-    """The frames of some output stream entries, the last entry id, and whether it ended."""
-    frames: list[bytes] = []
-    for entry_id, fields in entries:
-        cursor = text(entry_id)
-        chunk = fields.get(CHUNK_FIELD)
-        if chunk is not None:
-            frames.append(env.sse_raw_chunk(chunk))
-            continue
-        end = fields.get(END_FIELD)
-        if end is None:
-            continue
-        try:
-            err = terminal_error(decode_event(end))
-        except msgspec.DecodeError as exc:
-            err = env.internal_error(f"the request's outcome could not be read: {exc}")
-        if err is not None:
-            frames.append(env.sse_error(err))
-        return frames, cursor, True
-    return frames, cursor, False
-
-
-async def _event_at(redis: aioredis.Redis, keys: Keys, entry_id: str) -> AnyEvent | None:
-    entries: Any = await redis.xrange(keys.events, min=entry_id, max=entry_id, count=1)
-    if not entries:
-        return None
-    raw = entries[0][1].get(EVENT_FIELD.encode())
-    return decode_event(raw) if raw is not None else None
+def _frame(item: Output, request_id: str) -> bytes | None:
+    """The frame of one item of the output: a chunk, or the error its end is (None: success)."""
+    if isinstance(item, Chunk):
+        return env.sse_raw_chunk(item.data)
+    if not isinstance(item, End):
+        return None  # the request's other events: only followed along with the events stream
+    err: DifyError | None
+    try:
+        event = item.event()
+    except msgspec.DecodeError as exc:
+        err = env.internal_error(f"the request's outcome could not be read: {exc}")
+    else:
+        if event is None:
+            err = env.internal_error(
+                f"request {request_id} ended but its outcome is no longer in the events stream"
+            )
+        else:
+            err = terminal_error(event)
+    return env.sse_error(err) if err is not None else None
 
 
 class SSEResponse(StreamingResponse):

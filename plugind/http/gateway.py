@@ -32,9 +32,9 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from plugind.bus.codec import EVENT_FIELD, text
-from plugind.bus.follow import START
+from plugind.bus.follow import START, FollowedEvent
 from plugind.bus.keys import Keys
+from plugind.bus.output import Chunk, Output, OutputFollower
 from plugind.client import Client
 from plugind.config import Settings
 from plugind.errors import ErrorCode, PackageNotFound, PlugindError, TooLarge, WaitTimeout
@@ -45,10 +45,8 @@ from plugind.messages import (
     TaskCommand,
     UninstallCommand,
     decode_command,
-    decode_event,
     encode,
     event_type,
-    is_terminal,
 )
 from plugind.outage import (
     Backoff,
@@ -227,18 +225,23 @@ class _Gateway:
                 yield _frame(row.stream_id, row.type, orjson.dumps(row.event))
                 if row.type in TERMINAL_EVENT_TYPES:
                     return
-        redis, keys = self.client.redis, self.client.keys
-        needle = request_id.encode()
         # A task sent with "stream": true also has live output: its chunks are relayed as
         # `chunk` events between its own events, in the order Redis wrote them.
-        out, out_cursor = keys.out(request_id), "0-0"
+        output = OutputFollower(
+            self.client.redis,
+            self.client.keys,
+            request_id,
+            events_after=cursor,
+            block_ms=KEEPALIVE_S * 1000,
+            count=1000,
+        )
         idle_since = anyio.current_time()
         backoff = Backoff(0.1, 1.0)
-        while True:
+        while not output.ended:
             try:
-                reply: Any = await redis.xread(
-                    {keys.events: cursor, out: out_cursor}, count=1000, block=KEEPALIVE_S * 1000
-                )
+                batch = await anext(output)
+            except StopAsyncIteration:
+                return
             except Exception as exc:
                 if not is_redis_outage(exc):
                     raise
@@ -247,53 +250,24 @@ class _Gateway:
                 await backoff.sleep()
                 continue
             backoff.reset()
-            if not reply:
+            if batch is None:
                 yield b": keep-alive\n\n"
                 if anyio.current_time() - idle_since > MAX_IDLE_S:
                     return
                 continue
-            for entry_id, is_chunk, fields in _merged(reply, out):
-                if is_chunk:
-                    out_cursor = entry_id
-                    chunk = fields.get(b"chunk")
-                    if chunk is not None:
-                        idle_since = anyio.current_time()
-                        yield _frame(entry_id, "chunk", chunk)
-                    continue
-                cursor = entry_id
-                raw = fields.get(EVENT_FIELD.encode())
-                if raw is None or needle not in raw:
-                    continue
-                event = decode_event(raw)
-                if event.request_id != request_id:
-                    continue
-                idle_since = anyio.current_time()
-                if is_terminal(event):
-                    # every chunk was written before the terminal event: send any not read yet
-                    rest: Any = await redis.xrange(
-                        out, min="-" if out_cursor == "0-0" else f"({out_cursor}"
-                    )
-                    for chunk_id, chunk_fields in rest:
-                        chunk = chunk_fields.get(b"chunk")
-                        if chunk is not None:
-                            yield _frame(text(chunk_id), "chunk", chunk)
-                    yield _frame(cursor, event_type(event), raw)
-                    return
-                yield _frame(cursor, event_type(event), raw)
+            idle_since = anyio.current_time()
+            for item in batch:
+                yield _output_frame(item)
 
 
-def _merged(reply: Any, out: str) -> list[tuple[str, bool, dict[bytes, bytes]]]:
-    """The entries of an XREAD over the events and an output stream, in stream-id order
-    (both ids come from one Redis clock), each as ``(id, is an output entry, fields)``."""
-    items: list[tuple[tuple[int, int], str, bool, dict[bytes, bytes]]] = []
-    for stream, entries in reply:
-        is_out = text(stream) == out
-        for entry_id, fields in entries:
-            eid = text(entry_id)
-            ms, _, seq = eid.partition("-")
-            items.append(((int(ms), int(seq or 0)), eid, is_out, fields))
-    items.sort(key=lambda item: item[0])
-    return [(eid, is_out, fields) for _key, eid, is_out, fields in items]
+def _output_frame(item: Output) -> bytes:
+    if isinstance(item, Chunk):
+        return _frame(item.entry_id, "chunk", item.data)
+    if isinstance(item, FollowedEvent):
+        return _frame(item.entry_id, event_type(item.event), item.raw)
+    event = item.event()  # the terminal event, as read (and decoded) from the events stream
+    assert event is not None and item.raw is not None
+    return _frame(item.entry_id, event_type(event), item.raw)
 
 
 def _frame(entry_id: str, kind: str, data: bytes) -> bytes:
