@@ -126,3 +126,52 @@ async def test_a_large_package_travels_through_the_store(
     assert started.source.startswith("sha256:")
     entries = await client.redis.xrange(daemon.keys.install)
     assert all(len(fields[b"cmd"]) < 4096 for _id, fields in entries)
+
+
+POSTGRES_COMMANDS = [
+    ["migrate"],
+    ["events"],
+    ["audit", "verify"],
+    ["replay"],
+    ["projections", "rebuild"],
+    ["import-dify", "--dry-run"],
+]
+
+
+@pytest.mark.parametrize("argv", POSTGRES_COMMANDS, ids=lambda argv: argv[0])
+def test_commands_that_need_postgres_say_what_is_wrong_in_one_line(
+    argv: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    """Every one of them connects through ``cli.support.database``: no traceback, no password."""
+    from plugind.cli.main import main
+
+    monkeypatch.chdir(tmp_path)  # no embedded daemon's runtime.json to fall back on
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    assert main(argv) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "plugind: DATABASE_URL is not set and no embedded daemon is running here "
+        f"(no {tmp_path}/.plugind/runtime.json); start one with `plugind serve`"
+    ]
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u:secret@127.0.0.1:1/x")
+    assert main(argv) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("plugind: cannot connect to "), line
+    assert "postgresql://u:***@127.0.0.1:1/x" in line and "secret" not in line
+
+
+async def test_an_unmigrated_database_is_named_as_such(database_url: str) -> None:
+    for argv in (["events"], ["replay"]):
+        result = await anyio.run_process(
+            [sys.executable, "-m", "plugind.cli", *argv],
+            env=dict(os.environ, DATABASE_URL=database_url),
+            check=False,
+        )
+        assert result.returncode == 1, argv
+        [line] = result.stderr.decode().splitlines()
+        assert line.startswith("plugind: the database is not migrated"), line
+        assert line.endswith("run `plugind migrate`")

@@ -18,6 +18,8 @@ from plugind.bus.follow import EventFollower
 from plugind.bus.keys import PROJECTOR_GROUP, WORKERS_GROUP, Keys
 from plugind.bus.nodes import read_reports
 from plugind.cli.support import (
+    database,
+    database_url,
     failed,
     parse_params,
     print_event,
@@ -35,7 +37,6 @@ from plugind.messages import (
     TaskStarted,
     event_type,
 )
-from plugind.projections._db import connect
 
 # Packages larger than this go through the package store (when the CLI can reach Postgres).
 INLINE_PACKAGE_LIMIT = 1024 * 1024
@@ -56,14 +57,8 @@ async def cmd_migrate(args: argparse.Namespace) -> int:
 
     settings: Settings = args.settings
     setup_logging(settings.log_level, settings.log_format)
-    _redis_url, database_url = service_urls(settings)
-    if database_url is None:
-        raise CliError("DATABASE_URL is not set and no embedded daemon is running here")
-    conn = await connect(database_url, schema=settings.db_schema)
-    try:
+    async with database(settings) as conn:
         applied = await migrate(conn, schema=settings.db_schema)
-    finally:
-        await conn.close()
     print(f"applied: {', '.join(applied)}" if applied else "database is up to date")
     return 0
 
@@ -131,15 +126,14 @@ async def cmd_install(args: argparse.Namespace) -> int:
         raise CliError(f"no such file: {args.file}", exit_code=2)
     data = await path.read_bytes()
     package: bytes | PackageRef = data
-    _redis_url, database_url = service_urls(settings)
-    if len(data) > INLINE_PACKAGE_LIMIT and database_url is not None:
-        package = await _through_the_store(data, database_url, settings)
+    if len(data) > INLINE_PACKAGE_LIMIT and database_url(settings) is not None:
+        package = await _through_the_store(data, settings)
     async with _client(settings) as client:
         rid = await client.install(package, tenant_id=args.tenant, request_id=args.request_id)
         return await _finish(client, rid, args)
 
 
-async def _through_the_store(data: bytes, database_url: str, settings: Settings) -> PackageRef:
+async def _through_the_store(data: bytes, settings: Settings) -> PackageRef:
     """Put a large package in the package store so the command carries only its sha256.
 
     Inline, a 50 MiB package would sit base64-encoded in the install stream until trimmed.
@@ -154,11 +148,8 @@ async def _through_the_store(data: bytes, database_url: str, settings: Settings)
         )
     except PlugindError as exc:
         raise CliError(f"{exc.code}: {exc.message}") from exc
-    conn = await connect(database_url, schema=settings.db_schema)
-    try:
+    async with database(settings) as conn:
         await store_package(conn, package)
-    finally:
-        await conn.close()
     return PackageRef(sha256=package.sha256)
 
 
@@ -194,14 +185,10 @@ async def cmd_events(args: argparse.Namespace) -> int:
     settings: Settings = args.settings
     if args.follow:
         return await _follow(settings, args)
-    _redis_url, database_url = service_urls(settings)
-    if database_url is None:
-        raise CliError("DATABASE_URL is not set and no embedded daemon is running here")
     from plugind.projections.queries import MAX_EVENTS_LIMIT, query_events
 
     since = _since(args.since)
-    conn = await connect(database_url, schema=settings.db_schema)
-    try:
+    async with database(settings) as conn:
         wanted, after = max(1, min(args.limit, 100_000)), None
         while wanted > 0:
             page = await query_events(
@@ -222,8 +209,6 @@ async def cmd_events(args: argparse.Namespace) -> int:
             if page.next is None:
                 break
             after = page.next
-    finally:
-        await conn.close()
     return 0
 
 
@@ -279,7 +264,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
     settings: Settings = args.settings
     logging.getLogger().setLevel(logging.WARNING)
     keys = Keys(settings.namespace)
-    redis_url, database_url = service_urls(settings)
+    redis_url, _ = service_urls(settings)
     async with Client.from_url(redis_url, settings.namespace) as client:
         r = client.redis
         report: dict[str, Any] = {"namespace": settings.namespace, "streams": {}}
@@ -299,21 +284,30 @@ async def cmd_status(args: argparse.Namespace) -> int:
             }
             for node in await read_reports(r, keys)
         }
-    if database_url is not None:
-        from plugind.projections.queries import list_checkpoints
-
-        conn = await connect(database_url, schema=settings.db_schema)
-        try:
-            report["projections"] = {
-                cp.name: {"last_stream_id": cp.last_stream_id, "last_position": cp.last_position}
-                for cp in await list_checkpoints(conn)
-            }
-        except asyncpg.UndefinedTableError:
-            report["projections"] = "not migrated"
-        finally:
-            await conn.close()
+    if database_url(settings) is not None:
+        report["projections"] = await _projections_status(settings)
     sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0
+
+
+async def _projections_status(settings: Settings) -> dict[str, Any] | str:
+    """The projector's checkpoints, or why there are none to show (status reports, not fails)."""
+    from plugind.projections.queries import list_checkpoints
+
+    try:
+        async with database(settings) as conn:
+            try:
+                return {
+                    cp.name: {
+                        "last_stream_id": cp.last_stream_id,
+                        "last_position": cp.last_position,
+                    }
+                    for cp in await list_checkpoints(conn)
+                }
+            except asyncpg.UndefinedTableError:
+                return "not migrated"
+    except CliError as exc:
+        return f"unavailable: {exc}"
 
 
 async def _stream_status(r: Any, stream: str, group: str | None) -> dict[str, Any]:

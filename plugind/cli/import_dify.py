@@ -24,13 +24,12 @@ import anyio
 import asyncpg
 import orjson
 
-from plugind.cli.support import failed, service_urls
+from plugind.cli.support import database, failed, required_database_url, service_urls
 from plugind.client import Client
 from plugind.config import Settings
 from plugind.errors import CliError, PlugindError, WaitTimeout
 from plugind.messages import InstallCommand, PackageRef, encode
 from plugind.package.difypkg import parse_identifier, read_package
-from plugind.projections._db import connect
 from plugind.projections.migrate import migrate
 from plugind.projections.package_store import store_package
 
@@ -101,19 +100,13 @@ def find_package(storage: Path, identifier: str) -> Path | None:
 
 async def cmd_import_dify(args: argparse.Namespace) -> int:
     settings: Settings = args.settings
-    redis_url, database_url = service_urls(settings)
-    if database_url is None:
-        raise CliError("DATABASE_URL is not set and no embedded daemon is running here")
-    source_url = args.database_url or database_url
+    redis_url, _ = service_urls(settings)
+    plugind_url = required_database_url(settings)
     storage = Path(args.storage or os.environ.get("PLUGIN_STORAGE_LOCAL_ROOT") or DEFAULT_STORAGE)
-    try:
-        upstream = await asyncpg.connect(source_url)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise CliError(f"cannot connect to the upstream daemon's database: {exc}") from None
-    try:
-        installations = await read_upstream(upstream, args.tenant)
-    finally:
-        await upstream.close()
+    # Dify's daemon's tables are read schema-qualified (public.…), whatever the search path
+    upstream_url = args.database_url or plugind_url
+    async with database(settings, url=upstream_url, what="the upstream daemon's database") as up:
+        installations = await read_upstream(up, args.tenant)
     skipped = [i for i in installations if i.runtime_type != "local"]
     installations = [i for i in installations if i.runtime_type == "local"]
     for item in skipped:
@@ -122,10 +115,9 @@ async def cmd_import_dify(args: argparse.Namespace) -> int:
         print("nothing to import", file=sys.stderr)
         return 0
 
-    conn = await connect(database_url, schema=settings.db_schema)
     commands: list[tuple[UpstreamInstallation, InstallCommand]] = []
     missing = 0
-    try:
+    async with database(settings) as conn:
         await migrate(conn, schema=settings.db_schema)
         stored: dict[str, str | None] = {}
         for item in installations:
@@ -163,8 +155,6 @@ async def cmd_import_dify(args: argparse.Namespace) -> int:
                 for i, _ in commands
             ],
         )
-    finally:
-        await conn.close()
 
     failures = missing
     async with Client.from_url(redis_url, settings.namespace) as client:

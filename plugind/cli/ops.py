@@ -11,7 +11,7 @@ import orjson
 
 from plugind.bus.codec import CMD_FIELD, text
 from plugind.bus.keys import Keys
-from plugind.cli.support import service_urls
+from plugind.cli.support import database, service_urls
 from plugind.client import Client
 from plugind.config import Settings
 from plugind.errors import CliError
@@ -94,7 +94,6 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     rebuild says the read models (what the API serves) still follow from that log. Both run
     and both are reported, so one failure does not hide the other.
     """
-    from plugind.cli.projections import database
     from plugind.projections.hashchain import verify_event_log
     from plugind.projections.rebuild import read_models_equal_rebuild
 

@@ -8,38 +8,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
-import asyncpg
 import orjson
 
-from plugind.cli.support import service_urls
-from plugind.config import Settings
+from plugind.cli.support import database
 from plugind.errors import CliError
-from plugind.projections._db import connect
 from plugind.projections.queries import rfc3339
 from plugind.projections.rebuild import RebuildResult, rebuild_read_models
 from plugind.projections.replay import Progress, ReplayState, state_at
-
-
-@asynccontextmanager
-async def database(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
-    """A connection to the daemon's database, with the failures an operator meets as CliError."""
-    _, database_url = service_urls(settings)
-    if database_url is None:
-        raise CliError("DATABASE_URL is not set and no embedded daemon is running here")
-    try:
-        conn = await connect(database_url, schema=settings.db_schema)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise CliError(f"cannot connect to Postgres: {exc}") from None
-    try:
-        yield conn
-    except asyncpg.UndefinedTableError as exc:
-        raise CliError(f"the database is not migrated ({exc}); run `plugind migrate`") from None
-    finally:
-        await conn.close()
 
 
 def parse_until(value: str | None) -> tuple[int | None, datetime | None]:
