@@ -8,7 +8,7 @@ one :class:`Dependency` per service instead, which logs the transitions only
 count and total duration of outages that ``/metrics`` exports.
 
 Roles retry with :class:`Backoff` (capped, so work resumes within about a second of the
-dependency's return) and never end the process for an outage (DESIGN §5).
+dependency's return) and never end the process for an outage (docs/operations.md, "Outages").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``X-Api-Key`` on port 5002 (DESIGN §8): which routes need it, and what a refusal looks like.
+"""``X-Api-Key`` on port 5002 (docs/dify.md): which routes need it, and what a refusal looks like.
 
 The app is the daemon's :5002 app (read API plus the Dify routes) over ASGI, with real Redis
 and Postgres. Without the key nothing runs: no command is published, no row is read.

@@ -1,4 +1,4 @@
-"""The stdio line codec, against the lines observed from the real SDK (DIFY-PROTOCOL.md)."""
+"""The stdio line codec (plugind/runtime/protocol.py), against lines observed from the real SDK."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The Dify dialect's routes, mounted by the daemon into the :5002 app (DESIGN §8).
+"""The Dify dialect's routes, mounted by the daemon into the :5002 app
+(docs/dify.md, "What Dify's console does, and what plugind does for it").
 
 ``/plugin/{tenant_id}/management/…`` and ``asset/{id}`` (:mod:`plugind.dify.management`),
 ``/plugin/{tenant_id}/dispatch/…`` (:mod:`plugind.dify.dispatch`), the routes of what plugind

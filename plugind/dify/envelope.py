@@ -1,4 +1,4 @@
-"""The envelope Dify's API server expects from its plugin daemon (DIFY-DAEMON-API.md §1, §2).
+"""The envelope Dify's API server expects from its plugin daemon on every ``/plugin/…`` route.
 
 Every answer on a ``/plugin/{tenant}/…`` route is ``{"code", "message", "data"}``:
 

@@ -21,7 +21,8 @@ import orjson
 from plugind.dify import declarations
 from plugind.dify.shapes import InstallTask, InstallTaskPlugin
 from plugind.projections._db import Conn, Executor
-from plugind.projections.queries import rfc3339
+from plugind.projections.package_store import package_looks
+from plugind.projections.queries import events_of_requests, rfc3339
 
 _FAILED_TYPES: Final = ("plugin.install_failed", "command.rejected", "command.dead_lettered")
 _EVENT_TYPES: Final = (
@@ -154,29 +155,23 @@ async def _fold(conn: Conn, rows: list[Any]) -> list[InstallTask]:
     request_ids = [i.request_id for _, items in tasks for i in items if i.request_id]
     progress: dict[str, _Progress] = {rid: _Progress() for rid in request_ids}
     if request_ids:
-        events = await conn.fetch(
-            """
-            SELECT request_id, type, at, payload->'error'->>'message' AS error,
-                   payload->>'message' AS message
-            FROM event_log
-            WHERE request_id = ANY($1::text[]) AND type = ANY($2::text[])
-            ORDER BY position
-            """,
-            request_ids,
-            list(_EVENT_TYPES),
-        )
-        for event in events:
-            state = progress[event["request_id"]]
+        for event in await events_of_requests(conn, request_ids, types=_EVENT_TYPES):
+            state = progress[event.request_id or ""]
             if state.status in ("success", "failed"):
                 continue  # the first terminal event is the one that counts
-            state.at = event["at"]
-            kind = event["type"]
+            state.at = event.at
+            kind = event.type
             if kind == "plugin.installed":
                 state.status, state.message = "success", "installed"
             elif kind in _FAILED_TYPES:
-                state.status, state.message = "failed", event["error"] or kind
+                error = event.event.get("error")
+                message = error.get("message") if isinstance(error, dict) else None
+                state.status, state.message = "failed", str(message or kind)
             else:
-                state.status, state.message = "running", event["message"] or "installing"
+                state.status, state.message = (
+                    "running",
+                    str(event.event.get("message") or "installing"),
+                )
     looks = await _looks(conn, [i.sha256 for _, items in tasks for i in items if i.sha256])
     out: list[InstallTask] = []
     for row, items in tasks:
@@ -227,20 +222,11 @@ async def _looks(conn: Conn, sha256s: list[str]) -> dict[str, tuple[dict[str, An
     """label, icon (asset id) and dark icon of each package, from its declaration."""
     if not sha256s:
         return {}
-    rows = await conn.fetch(
-        """
-        SELECT sha256, (declaration->'label')::text AS label, declaration->>'icon' AS icon,
-               declaration->>'icon_dark' AS icon_dark
-        FROM packages WHERE sha256 = ANY($1::text[])
-        """,
-        list(set(sha256s)),
-    )
     looks: dict[str, tuple[dict[str, Any], str, str]] = {}
-    for row in rows:
-        label = orjson.loads(row["label"]) if row["label"] else {}
-        sha = row["sha256"]
-        icon = declarations.asset_id(sha, row["icon"]) if row["icon"] else ""
-        dark = declarations.asset_id(sha, row["icon_dark"]) if row["icon_dark"] else ""
+    for sha, found in (await package_looks(conn, sha256s)).items():
+        label = found.label if found.label is not None else {}
+        icon = declarations.asset_id(sha, found.icon) if found.icon else ""
+        dark = declarations.asset_id(sha, found.icon_dark) if found.icon_dark else ""
         looks[sha] = (label if isinstance(label, dict) else {"en_US": str(label)}, icon, dark)
     return looks
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, Final, TypeVar
 
@@ -58,7 +58,14 @@ from plugind.package.difypkg import PluginPackage, parse_identifier, read_packag
 from plugind.package.signature import SignatureInfo, verify_signature
 from plugind.projections._db import Conn
 from plugind.projections.package_store import get_package_by_identifier, store_package
-from plugind.projections.queries import rfc3339
+from plugind.projections.queries import (
+    InstalledPackageRow,
+    count_plugins,
+    installed_with_packages,
+    list_plugins,
+    plugin_status,
+    rfc3339,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +93,8 @@ def _provider_row_id(tenant_id: str, plugin_id: str, kind: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class InstalledPlugin:
-    """A tenant's installed plugin, with its package's declaration."""
-
-    tenant_id: str
-    plugin_id: str
-    identifier: str
-    version: str
-    installed_at: datetime
-    updated_at: datetime
-    sha256: str
-    declaration: dict[str, Any]
-    source: str
-    meta: dict[str, Any]
+class InstalledPlugin(InstalledPackageRow):
+    """A tenant's installed plugin, with its package's declaration, in Dify's shapes."""
 
     @property
     def installation_id(self) -> str:
@@ -158,19 +154,6 @@ class InstalledPlugin:
         return shapes.ProviderRow(**common)
 
 
-_INSTALLED_SQL: Final = """
-SELECT p.tenant_id, p.plugin_id, p.identifier, p.version, p.installed_at, p.updated_at,
-       pkg.sha256, pkg.declaration, s.source, s.meta::text AS meta
-FROM plugins p
-JOIN LATERAL (
-    SELECT sha256, declaration::text AS declaration FROM packages
-    WHERE identifier = p.identifier ORDER BY created_at DESC LIMIT 1
-) pkg ON true
-LEFT JOIN dify_install_sources s ON s.tenant_id = p.tenant_id AND s.identifier = p.identifier
-WHERE p.tenant_id = $1 AND p.status = 'installed'
-"""
-
-
 async def installed_plugins(
     conn: Conn,
     tenant_id: str,
@@ -179,30 +162,8 @@ async def installed_plugins(
     page: tuple[int, int] | None = None,
 ) -> list[InstalledPlugin]:
     """The tenant's installed plugins, oldest install first (a page of them if ``page``)."""
-    sql, args = _INSTALLED_SQL, [tenant_id]
-    if plugin_ids is not None:
-        sql += " AND p.plugin_id = ANY($2::text[])"
-        args.append(plugin_ids)  # type: ignore[arg-type]
-    sql += " ORDER BY p.installed_at, p.plugin_id"
-    if page is not None:
-        number, size = page
-        sql += f" LIMIT {int(size)} OFFSET {int((number - 1) * size)}"
-    rows = await conn.fetch(sql, *args)
-    return [
-        InstalledPlugin(
-            tenant_id=row["tenant_id"],
-            plugin_id=row["plugin_id"],
-            identifier=row["identifier"],
-            version=row["version"],
-            installed_at=row["installed_at"],
-            updated_at=row["updated_at"],
-            sha256=row["sha256"],
-            declaration=orjson.loads(row["declaration"]),
-            source=row["source"] or "package",
-            meta=orjson.loads(row["meta"]) if row["meta"] else {},
-        )
-        for row in rows
-    ]
+    rows = await installed_with_packages(conn, tenant_id, plugin_ids=plugin_ids, page=page)
+    return [InstalledPlugin(**{f.name: getattr(row, f.name) for f in fields(row)}) for row in rows]
 
 
 class Management:
@@ -540,10 +501,7 @@ class Management:
         tenant_id = tenant(request)
         page, size = paging(request)
         async with self.deps.pool.acquire() as conn:
-            total = await conn.fetchval(
-                "SELECT count(*) FROM plugins WHERE tenant_id = $1 AND status = 'installed'",
-                tenant_id,
-            )
+            total = await count_plugins(conn, tenant_id)
             plugins = await installed_plugins(conn, tenant_id, page=(page, size))
         listed = shapes.PluginList(list=[p.entity() for p in plugins], total=int(total))
         return ok(shapes.to_builtins(listed))
@@ -616,13 +574,9 @@ class Management:
         body = await json_body(request, shapes.UninstallRequest)
         wanted = body.plugin_installation_id
         async with self.deps.pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT plugin_id FROM plugins WHERE tenant_id = $1 AND status = 'installed'",
-                tenant_id,
-            )
+            rows = await list_plugins(conn, tenant_id=tenant_id)
         plugin_id = next(
-            (r["plugin_id"] for r in rows if installation_id(tenant_id, r["plugin_id"]) == wanted),
-            None,
+            (r.plugin_id for r in rows if installation_id(tenant_id, r.plugin_id) == wanted), None
         )
         if plugin_id is None:
             return ok(True)  # as upstream: nothing installed under that id is already gone
@@ -649,12 +603,7 @@ class Management:
         """Wait (briefly) until the list no longer shows the plugin, so Dify's refresh agrees."""
         with anyio.move_on_after(PROJECTION_WAIT_S):
             while True:
-                status = await self.deps.pool.fetchval(
-                    "SELECT status FROM plugins WHERE tenant_id = $1 AND plugin_id = $2",
-                    tenant_id,
-                    plugin_id,
-                )
-                if status != "installed":
+                if await plugin_status(self.deps.pool, tenant_id, plugin_id) != "installed":
                     return
                 await anyio.sleep(0.05)
 

@@ -1,5 +1,6 @@
-"""``X-Api-Key`` on port 5002 (DESIGN §8): the Dify daemon API and the read routes that return
-tenants' data need it; health, metrics and the aggregate stats stay open.
+"""``X-Api-Key`` on port 5002 (docs/dify.md; docs/configuration.md, ``PLUGIND_API_KEY``): the
+Dify daemon API and the read routes that return tenants' data need it; health, metrics and the
+aggregate stats stay open.
 
 A pure ASGI middleware, so it runs before routing (an unknown ``/plugin/…`` path is refused
 like a known one, and nothing runs for a refused request) and never buffers a streamed answer.

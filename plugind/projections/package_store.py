@@ -8,17 +8,15 @@ no-op and a reader never sees a half-written package.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any
 
-import asyncpg
 import orjson
-from asyncpg.pool import PoolConnectionProxy
 
 from plugind.errors import PlugindError
 from plugind.package.difypkg import PluginPackage
-
-Executor: TypeAlias = asyncpg.Pool | asyncpg.Connection | PoolConnectionProxy
+from plugind.projections._db import Executor
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,3 +100,32 @@ async def get_package_by_identifier(
             f"{_SELECT} WHERE identifier = $1 ORDER BY created_at DESC LIMIT 1", identifier
         )
     )
+
+
+@dataclass(frozen=True, slots=True)
+class PackageLooks:
+    """How a package shows in a list: its declaration's ``label``, ``icon`` and ``icon_dark``."""
+
+    label: Any
+    icon: str | None
+    icon_dark: str | None
+
+
+async def package_looks(pool_or_conn: Executor, sha256s: Sequence[str]) -> dict[str, PackageLooks]:
+    """The looks of each of these packages that is stored, by sha256 (without their bytes)."""
+    rows = await pool_or_conn.fetch(
+        """
+        SELECT sha256, (declaration->'label')::text AS label, declaration->>'icon' AS icon,
+               declaration->>'icon_dark' AS icon_dark
+        FROM packages WHERE sha256 = ANY($1::text[])
+        """,
+        list(set(sha256s)),
+    )
+    return {
+        row["sha256"]: PackageLooks(
+            label=orjson.loads(row["label"]) if row["label"] else None,
+            icon=row["icon"],
+            icon_dark=row["icon_dark"],
+        )
+        for row in rows
+    }

@@ -158,6 +158,85 @@ async def list_plugins(
     return [PluginRow(**{**dict(r), "manifest": _json(r["manifest"])}) for r in rows]
 
 
+async def count_plugins(conn: Executor, tenant_id: str, *, status: str = "installed") -> int:
+    total = await conn.fetchval(
+        "SELECT count(*) FROM plugins WHERE tenant_id = $1 AND status = $2", tenant_id, status
+    )
+    return int(total)
+
+
+async def plugin_status(conn: Executor, tenant_id: str, plugin_id: str) -> str | None:
+    """``installed``, ``uninstalled``, or None if the tenant never had ``plugin_id``."""
+    status: str | None = await conn.fetchval(
+        "SELECT status FROM plugins WHERE tenant_id = $1 AND plugin_id = $2", tenant_id, plugin_id
+    )
+    return status
+
+
+@dataclass(frozen=True, slots=True)
+class InstalledPackageRow:
+    """An installed plugin with its package (from the package store) and, for the Dify API,
+    where Dify said it came from (``dify_install_sources``; ``package`` when it did not say)."""
+
+    tenant_id: str
+    plugin_id: str
+    identifier: str
+    version: str
+    installed_at: datetime
+    updated_at: datetime
+    sha256: str
+    declaration: dict[str, Any]
+    source: str
+    meta: dict[str, Any]
+
+
+_INSTALLED_WITH_PACKAGES: Final = """
+SELECT p.tenant_id, p.plugin_id, p.identifier, p.version, p.installed_at, p.updated_at,
+       pkg.sha256, pkg.declaration, s.source, s.meta::text AS meta
+FROM plugins p
+JOIN LATERAL (
+    SELECT sha256, declaration::text AS declaration FROM packages
+    WHERE identifier = p.identifier ORDER BY created_at DESC LIMIT 1
+) pkg ON true
+LEFT JOIN dify_install_sources s ON s.tenant_id = p.tenant_id AND s.identifier = p.identifier
+WHERE p.tenant_id = $1 AND p.status = 'installed'
+"""
+
+
+async def installed_with_packages(
+    conn: Executor,
+    tenant_id: str,
+    *,
+    plugin_ids: Sequence[str] | None = None,
+    page: tuple[int, int] | None = None,
+) -> list[InstalledPackageRow]:
+    """The tenant's installed plugins, oldest install first (page ``(number, size)`` of them)."""
+    sql, args = _INSTALLED_WITH_PACKAGES, [tenant_id]
+    if plugin_ids is not None:
+        sql += " AND p.plugin_id = ANY($2::text[])"
+        args.append(list(plugin_ids))  # type: ignore[arg-type]
+    sql += " ORDER BY p.installed_at, p.plugin_id"
+    if page is not None:
+        number, size = page
+        sql += f" LIMIT {int(size)} OFFSET {int((number - 1) * size)}"
+    rows = await conn.fetch(sql, *args)
+    return [
+        InstalledPackageRow(
+            tenant_id=row["tenant_id"],
+            plugin_id=row["plugin_id"],
+            identifier=row["identifier"],
+            version=row["version"],
+            installed_at=row["installed_at"],
+            updated_at=row["updated_at"],
+            sha256=row["sha256"],
+            declaration=orjson.loads(row["declaration"]),
+            source=row["source"] or "package",
+            meta=orjson.loads(row["meta"]) if row["meta"] else {},
+        )
+        for row in rows
+    ]
+
+
 async def get_task(conn: Executor, request_id: str) -> TaskRow | None:
     row = await conn.fetchrow(
         """
@@ -216,28 +295,48 @@ async def query_events(
         add("position > {}", after)
     args.append(limit + 1)
     sql = f"""
-        SELECT position, stream_id, event_id, type, request_id, tenant_id, plugin_id, at, hash,
-               payload::text AS payload
+        SELECT {_EVENT_COLUMNS}
         FROM event_log {"WHERE " + " AND ".join(where) if where else ""}
         ORDER BY position LIMIT ${len(args)}
     """
     rows = await conn.fetch(sql, *args)
-    events = tuple(
-        EventRow(
-            position=r["position"],
-            stream_id=r["stream_id"],
-            event_id=r["event_id"],
-            type=r["type"],
-            request_id=r["request_id"],
-            tenant_id=r["tenant_id"],
-            plugin_id=r["plugin_id"],
-            at=r["at"],
-            hash=bytes(r["hash"]),
-            event=orjson.loads(r["payload"]),
-        )
-        for r in rows[:limit]
-    )
+    events = tuple(_event_row(r) for r in rows[:limit])
     return EventPage(events, events[-1].position if len(rows) > limit else None)
+
+
+async def events_of_requests(
+    conn: Executor, request_ids: Sequence[str], *, types: Sequence[str]
+) -> list[EventRow]:
+    """The events of these types of all these requests, in log order (no paging: a few
+    requests' events)."""
+    rows = await conn.fetch(
+        f"SELECT {_EVENT_COLUMNS} FROM event_log"
+        " WHERE request_id = ANY($1::text[]) AND type = ANY($2::text[]) ORDER BY position",
+        list(request_ids),
+        list(types),
+    )
+    return [_event_row(r) for r in rows]
+
+
+_EVENT_COLUMNS: Final = (
+    "position, stream_id, event_id, type, request_id, tenant_id, plugin_id, at, hash, "
+    "payload::text AS payload"
+)
+
+
+def _event_row(r: Record) -> EventRow:
+    return EventRow(
+        position=r["position"],
+        stream_id=r["stream_id"],
+        event_id=r["event_id"],
+        type=r["type"],
+        request_id=r["request_id"],
+        tenant_id=r["tenant_id"],
+        plugin_id=r["plugin_id"],
+        at=r["at"],
+        hash=bytes(r["hash"]),
+        event=orjson.loads(r["payload"]),
+    )
 
 
 _CHECKPOINT_COLUMNS: Final = "name, stream, last_stream_id, last_position, head_hash, updated_at"

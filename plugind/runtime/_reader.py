@@ -27,6 +27,8 @@ import anyio.lowlevel
 from plugind.runtime import protocol
 
 log = logging.getLogger(__name__)
+# Not __name__, on purpose: what plugins write to stderr is their log, not this module's, and one
+# channel of its own lets an operator route or silence it apart from plugind's own lines.
 plugin_log = logging.getLogger("plugind.plugin")
 
 _READ_SIZE = 1024 * 1024
