@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,9 +13,10 @@ from typing import Any
 import anyio
 import orjson
 import pytest
-from e2e import EXAMPLE_CALC, eventually, run_cli
+from e2e import EXAMPLE_CALC, REPO, eventually, run_cli
 from plugin_factory import ECHO, package_bytes, write_plugin
 
+from plugind.cli.main import _parser
 from plugind.config import Settings
 from plugind.daemon import Daemon
 
@@ -175,3 +179,27 @@ async def test_an_unmigrated_database_is_named_as_such(database_url: str) -> Non
         [line] = result.stderr.decode().splitlines()
         assert line.startswith("plugind: the database is not migrated"), line
         assert line.endswith("run `plugind migrate`")
+
+
+def test_every_command_has_an_example_and_the_docs_commands_parse() -> None:
+    """``plugind --help`` and the docs agree with the parser: each command's help ends with an
+    example that parses, and so does every ``plugind …`` line of a shell block in the docs."""
+    parser = _parser()
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    examples: list[str] = []
+    for name, sub in commands.choices.items():
+        epilog = sub.epilog or ""
+        assert epilog.startswith(f"example:\n  plugind {name}"), name
+        examples += epilog.removeprefix("example:\n  ").split("; ")
+    documented: list[str] = []
+    for doc in (REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))):
+        for block in re.findall(r"```(?:sh|bash)?\n(.*?)```", doc.read_text(), re.S):
+            for line in block.splitlines():
+                found = re.match(r"\s*(?:docker compose exec \S+ )?(plugind .*)", line)
+                if found:
+                    documented.append(found.group(1).split(" #")[0].strip())
+    assert len(documented) > 10, documented
+    for command in examples + documented:
+        words = shlex.split(command)
+        assert words[0] == "plugind", command
+        parser.parse_args(words[1:])  # exits (SystemExit) on a command the parser refuses

@@ -1,4 +1,4 @@
-"""The bodies of the ``plugind`` sub-commands (the parser is in ``cli``)."""
+"""The bodies of the ``plugind`` sub-commands (the parser is in ``plugind/cli/main.py``)."""
 
 from __future__ import annotations
 

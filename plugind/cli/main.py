@@ -129,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
         "plugind events --type task.failed --since 2026-11-01T00:00:00Z",
     )
     p.add_argument("--follow", "-f", action="store_true", help="follow new events as they come")
-    p.add_argument("--type", dest="type_", help="only this event type")
+    p.add_argument("--type", dest="type_", metavar="TYPE", help="only this event type")
     p.add_argument("--plugin", help="only this plugin (author/name)")
     p.add_argument("--request", help="only this request_id")
     p.add_argument("--since", help="RFC 3339 time or log position")

@@ -1,4 +1,5 @@
-"""What the client commands share: finding the daemon's services, printing results."""
+"""What the commands share: finding the daemon's services, the one way to connect to Postgres,
+printing results."""
 
 from __future__ import annotations
 
