@@ -1,8 +1,10 @@
 """Following ``{ns}:events`` from a cursor: the one reader of the events stream outside the group.
 
-Waiting for a request's end (the client), relaying its events (the gateway's SSE) and
-``plugind events --follow`` all read the stream the same way: XREAD BLOCK from a cursor that
-moves past every entry seen, so nothing appended after the cursor is missed whatever the timing.
+Waiting for a request's end (the client), relaying its events (the gateway's SSE, which reads
+them together with the request's live output through :mod:`plugind.bus.output`, filtered by
+:meth:`EventFollower.decode`) and ``plugind events --follow`` all read the stream the same way:
+XREAD BLOCK from a cursor that moves past every entry seen, so nothing appended after the cursor
+is missed whatever the timing.
 The projector reads through its consumer group instead (it must acknowledge), and shares only
 the reply parsing (:func:`plugind.bus.codec.read_entries`).
 
