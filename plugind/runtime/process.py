@@ -34,6 +34,7 @@ from plugind.runtime import protocol
 from plugind.runtime._env import plugin_env
 from plugind.runtime._reader import OutputReader, describe_exit, signal_group, warn_if_pid1
 from plugind.runtime._sessions import SessionTable
+from plugind.runtime.backwards import STRUCT, Backwards, parse_call
 from plugind.runtime.protocol import PluginRequest
 
 __all__ = ["ChunkCallback", "PluginProcess", "PluginRequest"]
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 ChunkCallback = Callable[[Any], Awaitable[None]]
 
 DEFAULT_MAX_LINE = 64 * 1024 * 1024
+_REPLY_WRITE_S = 10.0  # how long one answer to a backwards call may wait for the pipe
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,8 +235,13 @@ class PluginProcess:
         timeout: float,
         on_chunk: ChunkCallback | None = None,
         max_result_size: int,
+        backwards: Backwards | None = None,
     ) -> list[Any]:
         """Run one session; the ``stream`` chunks in order once the plugin sends ``end``.
+
+        The plugin's calls back into Dify go to ``backwards``, each in a task of its own, so a
+        streamed answer flows while the session's other replies are read; without it they are
+        refused at once. Calls still running when the session ends are cancelled.
 
         Raises ``plugin_error`` (the plugin raised), ``plugin_crashed`` (the process died or
         was stopped), ``timeout`` (the session is abandoned; the process keeps running) or
@@ -246,20 +253,37 @@ class PluginProcess:
         line = protocol.encode_request(session_id, request)
         receive = self._sessions.open(session_id, max_result_size)
         chunks: list[Any] = []
+        failure: Exception | None = None
+        ended = False
         try:
             with receive, anyio.move_on_after(timeout) as scope:
-                await self._write(line)
-                async for kind, value in receive:
-                    if kind == "chunk":
-                        chunks.append(value)
-                        if on_chunk is not None:
-                            await on_chunk(value)
-                    elif kind == "end":
-                        return chunks
-                    elif kind == "error":
-                        raise value
-                    elif kind == "invoke":
-                        await self._refuse_backwards(session_id, value)
+                # The calls' tasks never raise; the loop's errors are kept, not raised in the
+                # group, so they leave it as they are rather than wrapped in an ExceptionGroup.
+                async with anyio.create_task_group() as calls:
+                    try:
+                        await self._write(line)
+                        async for kind, value in receive:
+                            if kind == "chunk":
+                                chunks.append(value)
+                                if on_chunk is not None:
+                                    await on_chunk(value)
+                            elif kind == "end":
+                                ended = True
+                                break
+                            elif kind == "error":
+                                failure = value
+                                break
+                            elif kind == "invoke":
+                                calls.start_soon(
+                                    self._serve_backwards, session_id, request, value, backwards
+                                )
+                    except Exception as exc:
+                        failure = exc
+                    calls.cancel_scope.cancel()  # the plugin no longer waits for them
+            if failure is not None:
+                raise failure
+            if ended:
+                return chunks
             if scope.cancelled_caught:
                 raise TimedOut(
                     f"{self.identifier} did not finish {request.access}/{request.action} "
@@ -269,21 +293,33 @@ class PluginProcess:
         finally:
             self._sessions.close(session_id)
 
-    async def _refuse_backwards(self, session_id: str, data: Any) -> None:
-        detail = data if isinstance(data, dict) else {}
-        what = detail.get("type", "?")
-        log.warning(
-            "Plugin %s asked Dify for %s (a backwards invocation); plugind does not relay those",
-            self.identifier,
-            what,
-        )
-        await self._write(
-            protocol.encode_backwards_error(
-                session_id,
-                str(detail.get("backwards_request_id", "")),
-                f"plugind cannot relay backwards invocations ({what}) to Dify",
-            )
-        )
+    async def _serve_backwards(
+        self, session_id: str, request: PluginRequest, data: Any, backwards: Backwards | None
+    ) -> None:
+        """Answer one backwards invocation of a session, ending it whatever happens."""
+        call = parse_call(data)
+        if isinstance(call, str):
+            log.warning("Plugin %s sent a malformed invoke: %s", self.identifier, call)
+            rid = data.get("backwards_request_id") if isinstance(data, dict) else None
+            if isinstance(rid, str) and rid:
+                reply = _Reply(self, session_id, request, rid)
+                await reply.fail(f"plugind cannot serve this call: {call}")
+                await reply.end()
+            return
+        reply = _Reply(self, session_id, request, call.backwards_request_id)
+        try:
+            if backwards is None:
+                await reply.fail(
+                    f"plugind cannot relay backwards invocations ({call.kind}) from here"
+                )
+            else:
+                await backwards(call, reply)
+        except PlugindError as exc:
+            await reply.fail(exc.message)
+        except Exception as exc:
+            log.exception("Serving %s's %s call failed", self.identifier, call.kind)
+            await reply.fail(f"plugind failed to serve the {call.kind} call: {exc!r}")
+        await reply.end()
 
     async def _write(self, line: bytes) -> None:
         assert self._popen is not None and self._popen.stdin is not None
@@ -401,3 +437,49 @@ class PluginProcess:
         assert self._ready is not None and self._exited is not None
         self._ready.set()
         self._exited.set()
+
+
+class _Reply:
+    """The answers to one backwards invocation, written to the plugin's stdin as they come.
+
+    Each line is written shielded from cancellation (with a cap): a line cut in half would
+    corrupt the next one, and costs the whole process.
+    """
+
+    __slots__ = ("_failed", "_process", "_request", "_rid", "_session_id")
+
+    def __init__(
+        self, process: PluginProcess, session_id: str, request: PluginRequest, rid: str
+    ) -> None:
+        self._process = process
+        self._session_id = session_id
+        self._request = request
+        self._rid = rid
+        self._failed = False
+
+    async def respond(self, data: Any, *, message: str = STRUCT) -> None:
+        if not self._failed:
+            await self._send("response", message, data)
+
+    async def fail(self, message: str) -> None:
+        if not self._failed:
+            self._failed = True
+            await self._send("error", message, None)
+
+    async def end(self) -> None:
+        await self._send("end", "", None)
+
+    async def _send(self, event: str, message: str, data: Any) -> None:
+        line = protocol.encode_backwards(
+            self._session_id,
+            self._rid,
+            event,
+            message=message,
+            data=data,
+            request=self._request,
+        )
+        try:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(_REPLY_WRITE_S):
+                await self._process._write(line)
+        except PlugindError:
+            pass  # the process is gone: its sessions fail through the reader, not from here
