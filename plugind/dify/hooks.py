@@ -25,7 +25,7 @@ from __future__ import annotations
 import binascii
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -177,17 +177,23 @@ class Hooks:
         return bool(installed)
 
     async def _answer(self, request_id: str) -> Response:
-        """The plugin's answer: status and headers from its first chunks, then the body."""
+        """The plugin's answer: status and headers from its first chunks, then the body.
+
+        The SDK sends a plain (not streamed) response as one chunk holding status, headers
+        and the whole body: that answers at once, without waiting for the task's end. A
+        streamed one is a chunk with status and headers, then body parts until the end.
+        """
         deadline = self.deps.settings.task_timeout + RELAY_GRACE_S
         limit = self.deps.settings.endpoint_max_response_size
         batches = _output(self.deps.redis, self.deps.keys, request_id, deadline)
         status, body = 200, bytearray()
         headers: dict[str, str] = {}
         ended: AnyEvent | bool | None = False
-        got_body = False
+        got_body = whole = False
         async for batch in batches:
             for item in batch:
                 if isinstance(item, dict):
+                    whole = whole or (not got_body and "status" in item and "result" in item)
                     status, headers = _head(item, status, headers)
                     if "result" in item:
                         got_body = True
@@ -196,11 +202,13 @@ class Hooks:
                     ended = item
             if got_body or ended is not False:
                 break
+        if whole or ended is not False:
+            await batches.aclose()
         if ended is False and not got_body:
             ended = None  # the output ended without an outcome (cannot happen but for Redis)
         if ended is not False and not got_body and not _succeeded(ended):
             return _error(500, _failure(ended))
-        if ended is not False:  # the whole answer came at once
+        if whole or ended is not False:  # the whole answer is here
             return Response(bytes(body[:limit]), status_code=status, headers=headers)
         return StreamingResponse(
             _rest(bytes(body), batches, limit, request_id), status_code=status, headers=headers
@@ -312,29 +320,37 @@ def _failure(ended: AnyEvent | bool | None) -> env.DifyError:
 
 async def _rest(
     head: bytes,
-    batches: AsyncIterator[list[dict[str, Any] | AnyEvent | None]],
+    batches: AsyncGenerator[Batch],
     limit: int,
     request_id: str,
 ) -> AsyncIterator[bytes]:
     sent = 0
-    if head:
-        sent = min(len(head), limit)
-        yield head[:limit]
-    async for batch in batches:
-        data = b"".join(_unhex(i.get("result")) for i in batch if isinstance(i, dict))
-        if data and sent < limit:
-            piece = data[: limit - sent]
-            sent += len(piece)
-            yield piece
-            if sent >= limit:
-                log.warning(
-                    "Endpoint answer of request_id=%s cut at the %d-byte limit", request_id, limit
-                )
+    try:
+        if head:
+            sent = min(len(head), limit)
+            yield head[:limit]
+        async for batch in batches:
+            data = b"".join(_unhex(i.get("result")) for i in batch if isinstance(i, dict))
+            if data and sent < limit:
+                piece = data[: limit - sent]
+                sent += len(piece)
+                yield piece
+                if sent >= limit:
+                    log.warning(
+                        "Endpoint answer of request_id=%s cut at the %d-byte limit",
+                        request_id,
+                        limit,
+                    )
+    finally:
+        await batches.aclose()
+
+
+Batch = list[dict[str, Any] | AnyEvent | None]
 
 
 async def _output(
     redis: aioredis.Redis, keys: Keys, request_id: str, deadline_s: float
-) -> AsyncIterator[list[dict[str, Any] | AnyEvent | None]]:
+) -> AsyncGenerator[Batch]:
     """The task's output in batches as read: chunks (dicts), then its terminal event.
 
     ``None`` stands for an outcome that never came (the deadline, or an event no longer in the
@@ -368,10 +384,8 @@ async def _output(
             return
 
 
-def _decode(
-    entries: list[Any], cursor: str
-) -> tuple[list[dict[str, Any] | AnyEvent | None], str, bool]:
-    batch: list[dict[str, Any] | AnyEvent | None] = []
+def _decode(entries: list[Any], cursor: str) -> tuple[Batch, str, bool]:
+    batch: Batch = []
     for entry_id, fields in entries:
         cursor = text(entry_id)
         chunk = fields.get(b"chunk")
