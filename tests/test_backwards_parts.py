@@ -235,6 +235,9 @@ class _Reply:
     async def fail(self, message: str) -> None:
         self.answers.append(("error", message))
 
+    async def end(self) -> None:
+        self.answers.append(("end", None))
+
 
 class _Declarations:
     """A stand-in for the pool: what ``Permissions`` reads from the package store."""

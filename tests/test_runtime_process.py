@@ -20,8 +20,8 @@ import pytest
 from plugin_factory import Plugin, json_of, tool, with_environment, write_plugin
 
 from plugind.errors import PlugindError
-from plugind.runtime.interpreter import find_plugin_python
 from plugind.runtime.backwards import BackwardsCall, BackwardsReply
+from plugind.runtime.interpreter import find_plugin_python
 from plugind.runtime.process import PluginProcess
 
 CALC = Path(__file__).resolve().parent.parent / "examples" / "plugins" / "calc"

@@ -503,6 +503,9 @@ def caller(cmd: TaskCommand, *, plugin_id: str, identifier: str) -> Caller:
     )
 
 
+MAX_BACKWARDS_ERROR = 500  # characters of a failed call's error kept in its event
+
+
 def backwards_invoked(
     events: EventFactory, cmd: TaskCommand, outcome: BackwardsOutcome, *, plugin_id: str
 ) -> tuple[BackwardsInvoked, LogLine]:
@@ -520,7 +523,7 @@ def backwards_invoked(
         target=outcome.target,
         outcome=outcome.outcome,
         duration_ms=outcome.duration_ms,
-        error=outcome.error,
+        error=outcome.error[:MAX_BACKWARDS_ERROR] if outcome.error else None,
     )
     level = logging.DEBUG if outcome.outcome == "ok" else logging.WARNING
     line = LogLine(

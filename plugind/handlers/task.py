@@ -93,6 +93,7 @@ def _backwards(
         outcome: BackwardsOutcome | None = None
         try:
             outcome = await relay(who, call, reply)
+            await reply.end()  # the plugin goes on; the audit event needs no answer
         finally:
             if outcome is None:  # cancelled with its session, or the relay broke
                 outcome = BackwardsOutcome(

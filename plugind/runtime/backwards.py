@@ -56,6 +56,10 @@ class BackwardsReply(Protocol):
     async def fail(self, message: str) -> None:
         """The ``error``: the plugin's call raises an exception with ``message``."""
 
+    async def end(self) -> None:
+        """The ``end``: the plugin stops waiting. Written once; the runtime writes it anyway
+        when the relay returns, so a relay calls it only to end the call sooner."""
+
 
 @dataclass(frozen=True, slots=True)
 class Caller:
@@ -87,7 +91,7 @@ class BackwardsRelay(Protocol):
     async def __call__(
         self, caller: Caller, call: BackwardsCall, reply: BackwardsReply
     ) -> BackwardsOutcome:
-        """Answer ``call`` through ``reply`` (the ``end`` is written afterwards, always)."""
+        """Answer ``call`` through ``reply`` (its ``end`` is written afterwards if need be)."""
         ...
 
 

@@ -446,7 +446,7 @@ class _Reply:
     corrupt the next one, and costs the whole process.
     """
 
-    __slots__ = ("_failed", "_process", "_request", "_rid", "_session_id")
+    __slots__ = ("_ended", "_failed", "_process", "_request", "_rid", "_session_id")
 
     def __init__(
         self, process: PluginProcess, session_id: str, request: PluginRequest, rid: str
@@ -456,18 +456,21 @@ class _Reply:
         self._request = request
         self._rid = rid
         self._failed = False
+        self._ended = False
 
     async def respond(self, data: Any, *, message: str = STRUCT) -> None:
-        if not self._failed:
+        if not (self._failed or self._ended):
             await self._send("response", message, data)
 
     async def fail(self, message: str) -> None:
-        if not self._failed:
+        if not (self._failed or self._ended):
             self._failed = True
             await self._send("error", message, None)
 
     async def end(self) -> None:
-        await self._send("end", "", None)
+        if not self._ended:
+            self._ended = True
+            await self._send("end", "", None)
 
     async def _send(self, event: str, message: str, data: Any) -> None:
         line = protocol.encode_backwards(
