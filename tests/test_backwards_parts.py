@@ -16,6 +16,7 @@ import asyncpg
 import httpx
 import orjson
 import pytest
+from fake_dify import fake_dify
 from starlette.requests import Request
 
 from plugind.backwards import (
@@ -210,6 +211,30 @@ async def test_what_the_client_turns_into_errors(
     inner, _ = scripted(answer)
     with pytest.raises(InnerApiError, match=message.replace("(", r"\(")):
         await collect(inner)
+
+
+async def test_many_calls_share_a_small_pool() -> None:
+    async with fake_dify(frame_delay=0.05) as fake:
+        inner = InnerApi(fake.url, fake.key, pool_size=2)
+        words: list[list[Any]] = []
+
+        async def ask() -> None:
+            got: list[Any] = []
+
+            async def keep(data: Any) -> None:
+                got.append(data["delta"]["message"]["content"])
+
+            await inner.exchange("invoke/llm", {"tenant_id": "t", "model": "m"}, keep)
+            words.append(got)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(8):
+                    tg.start_soon(ask)
+        finally:
+            await inner.aclose()
+    assert words == [fake.llm_words] * 8
+    assert len(fake.received) == 8
 
 
 async def test_a_closed_port_fails_at_once() -> None:

@@ -30,17 +30,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from plugind.backwards import InnerApi, Permission
-from plugind.backwards.errors import BackwardsError
-from plugind.backwards.kinds import ENCRYPT_PATH
+from plugind.backwards import Permission
 from plugind.bus.codec import EVENT_FIELD
 from plugind.dify import settings_schema as schema_of
 from plugind.dify.deps import DifyDeps
+from plugind.dify.endpoint_secrets import EndpointSecrets
 from plugind.dify.envelope import (
     PLUGIN_PERMISSION_DENIED_ERROR,
     DifyError,
     bad_request,
-    internal_error,
     not_found,
     ok,
     plugin_not_found,
@@ -132,49 +130,13 @@ async def declaration_of(conn: Executor, identifier: str) -> dict[str, Any] | No
     return orjson.loads(raw) if raw is not None else None
 
 
-async def encrypt(
-    inner: InnerApi | None,
-    *,
-    opt: str,
-    tenant_id: str,
-    user_id: str,
-    endpoint_id: str,
-    data: dict[str, Any],
-    schema: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """Dify's encryption of endpoint settings (``opt``: ``encrypt``, ``decrypt``, ``clear``)."""
-    if inner is None:
-        raise internal_error(
-            "this endpoint has secret settings, which Dify encrypts: set DIFY_INNER_API_URL "
-            "and DIFY_INNER_API_KEY on plugind"
-        )
-    body = {
-        "tenant_id": tenant_id,
-        "user_id": user_id,
-        "type": "encrypt",
-        "opt": opt,
-        "namespace": "endpoint",
-        "identity": endpoint_id,
-        "data": data,
-        "config": schema,
-    }
-    try:
-        answer = await inner.call(ENCRYPT_PATH, body)
-    except BackwardsError as exc:
-        raise internal_error(f"failed to {opt} the endpoint's settings: {exc}") from None
-    if isinstance(answer, dict) and isinstance(answer.get("data"), dict):
-        answer = answer["data"]  # dify-api wraps the settings once more
-    if not isinstance(answer, dict):
-        raise internal_error(f"Dify answered the {opt} of the endpoint's settings with {answer!r}")
-    return answer
-
-
 class Endpoints:
     """The endpoint management routes over one :class:`DifyDeps`."""
 
     def __init__(self, deps: DifyDeps) -> None:
         self.deps = deps
         self.events = EventFactory(deps.settings.node)
+        self.secrets = EndpointSecrets(deps.pool, deps.inner_api)
 
     def routes(self) -> list[BaseRoute]:
         base = "/plugin/{tenant_id}/endpoint"
@@ -212,7 +174,8 @@ class Endpoints:
         endpoint_id, hook_id = str(uuid.uuid4()), secrets.token_hex(16)
         secret_names = schema_of.secret_names(schema)
         _plain, secret = schema_of.split(body.settings, secret_names)
-        await self._keep_secrets(tenant_id, body.user_id, endpoint_id, secret, schema)
+        if secret:
+            await self.secrets.keep(tenant_id, body.user_id, endpoint_id, secret, schema)
         event = self._event(
             EndpointSetUp,
             tenant_id,
@@ -253,7 +216,13 @@ class Endpoints:
             if value != current.settings.get(name)
         }
         kept = {name for name in secret_names if name in body.settings and name not in changed}
-        await self._update_secrets(tenant_id, body.user_id, current, changed, kept, schema)
+        stored = await self.secrets.stored(current.endpoint_id)
+        still = {name: value for name, value in stored.items() if name in kept}
+        await self.secrets.keep(
+            tenant_id, body.user_id, current.endpoint_id, changed, schema, kept=still or None
+        )
+        if stored:
+            await self.secrets.clear_cache(tenant_id, current.endpoint_id)
         settings = schema_of.masked(body.settings, secret_names)
         for name in kept:
             settings[name] = current.settings.get(name)
@@ -275,11 +244,7 @@ class Endpoints:
         body = await json_body(request, EndpointRequest)
         current = await self._existing(tenant_id, body.endpoint_id)
         await self._commit(self._state_event(EndpointRemoved, current))
-        deleted = await self.deps.pool.fetchval(
-            "DELETE FROM endpoint_secrets WHERE endpoint_id = $1 RETURNING 1", current.endpoint_id
-        )
-        if deleted and self.deps.inner_api is not None:
-            await self._clear_cache(current)
+        await self.secrets.forget(tenant_id, current.endpoint_id)
         log.info("Endpoint removed: %s, tenant=%s", current.endpoint_id, tenant_id)
         return ok(True)
 
@@ -370,95 +335,6 @@ class Endpoints:
                 "SELECT 1 FROM event_log WHERE event_id = $1", event.event_id
             ):
                 await anyio.sleep(0.02)
-
-    async def _keep_secrets(
-        self,
-        tenant_id: str,
-        user_id: str,
-        endpoint_id: str,
-        secret: dict[str, Any],
-        schema: list[dict[str, Any]],
-    ) -> None:
-        if not secret:
-            return
-        encrypted = await encrypt(
-            self.deps.inner_api,
-            opt="encrypt",
-            tenant_id=tenant_id,
-            user_id=user_id,
-            endpoint_id=endpoint_id,
-            data=secret,
-            schema=schema,
-        )
-        kept = {name: encrypted.get(name) for name in secret}
-        await self.deps.pool.execute(
-            """
-            INSERT INTO endpoint_secrets (endpoint_id, tenant_id, secrets)
-            VALUES ($1, $2, $3::text::jsonb)
-            ON CONFLICT (endpoint_id) DO UPDATE SET secrets = EXCLUDED.secrets, updated_at = now()
-            """,
-            endpoint_id,
-            tenant_id,
-            orjson.dumps(kept).decode(),
-        )
-
-    async def _update_secrets(
-        self,
-        tenant_id: str,
-        user_id: str,
-        current: EndpointRow,
-        changed: dict[str, Any],
-        kept: set[str],
-        schema: list[dict[str, Any]],
-    ) -> None:
-        old_raw = await self.deps.pool.fetchval(
-            "SELECT secrets::text FROM endpoint_secrets WHERE endpoint_id = $1",
-            current.endpoint_id,
-        )
-        old: dict[str, Any] = orjson.loads(old_raw) if old_raw else {}
-        if changed:
-            encrypted = await encrypt(
-                self.deps.inner_api,
-                opt="encrypt",
-                tenant_id=tenant_id,
-                user_id=user_id,
-                endpoint_id=current.endpoint_id,
-                data=changed,
-                schema=schema,
-            )
-            new = {name: encrypted.get(name) for name in changed}
-        else:
-            new = {}
-        merged = {**{k: v for k, v in old.items() if k in kept}, **new}
-        if not merged and not old:
-            return
-        await self.deps.pool.execute(
-            """
-            INSERT INTO endpoint_secrets (endpoint_id, tenant_id, secrets)
-            VALUES ($1, $2, $3::text::jsonb)
-            ON CONFLICT (endpoint_id) DO UPDATE SET secrets = EXCLUDED.secrets, updated_at = now()
-            """,
-            current.endpoint_id,
-            tenant_id,
-            orjson.dumps(merged).decode(),
-        )
-        if old and self.deps.inner_api is not None:
-            await self._clear_cache(current)
-
-    async def _clear_cache(self, current: EndpointRow) -> None:
-        """Ask Dify to forget its cached decryption of the endpoint (best effort, as upstream)."""
-        try:
-            await encrypt(
-                self.deps.inner_api,
-                opt="clear",
-                tenant_id=current.tenant_id,
-                user_id="",
-                endpoint_id=current.endpoint_id,
-                data={},
-                schema=[],
-            )
-        except DifyError as exc:
-            log.warning("Endpoint %s: Dify did not clear its cache: %s", current.endpoint_id, exc)
 
 
 def _validate(settings: dict[str, Any], schema: list[dict[str, Any]]) -> None:

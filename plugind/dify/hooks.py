@@ -29,23 +29,22 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final
 
-import anyio
-import msgspec
 import orjson
-import redis.asyncio as aioredis
 import redis.exceptions
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from plugind.bus.codec import CMD_FIELD, EVENT_FIELD, command_fields, text
-from plugind.bus.keys import Keys, installed_field
+from plugind.bus.codec import CMD_FIELD, command_fields
+from plugind.bus.keys import installed_field
 from plugind.dify import envelope as env
 from plugind.dify import settings_schema
 from plugind.dify.deps import DifyDeps
 from plugind.dify.dispatch import PUBLISH_IF_INSTALLED, RELAY_GRACE_S
-from plugind.dify.endpoints import declaration_of, encrypt
-from plugind.messages import AnyEvent, TaskCommand, TaskFailed, TaskSucceeded, decode_event
+from plugind.dify.endpoint_secrets import EndpointSecrets
+from plugind.dify.endpoints import declaration_of
+from plugind.dify.task_output import Batch, task_output
+from plugind.messages import AnyEvent, TaskCommand, TaskFailed, TaskSucceeded
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,6 @@ _DROPPED: Final = frozenset(
 )
 # Response headers that describe the framing between the plugin and us, not the body we send.
 _HOP_BY_HOP: Final = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
-_IDLE_CHECK_S: Final = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +88,7 @@ WHERE e.hook_id = $1
 class Hooks:
     def __init__(self, deps: DifyDeps) -> None:
         self.deps = deps
+        self.secrets = EndpointSecrets(deps.pool, deps.inner_api)
         self._publish = deps.redis.register_script(PUBLISH_IF_INSTALLED)
 
     def routes(self) -> list[BaseRoute]:
@@ -153,16 +152,9 @@ class Hooks:
             return hook.settings
         identifier = await self.deps.installed(hook.tenant_id, hook.plugin_id)
         declaration = await declaration_of(self.deps.pool, identifier) if identifier else None
-        decrypted = await encrypt(
-            self.deps.inner_api,
-            opt="decrypt",
-            tenant_id=hook.tenant_id,
-            user_id="",
-            endpoint_id=hook.endpoint_id,
-            data=hook.secrets,
-            schema=settings_schema.fields(declaration),
-        )
-        return {**hook.settings, **{k: decrypted.get(k) for k in hook.secrets}}
+        schema = settings_schema.fields(declaration)
+        clear = await self.secrets.decrypted(hook.tenant_id, hook.endpoint_id, hook.secrets, schema)
+        return {**hook.settings, **clear}
 
     async def _publish_if_installed(self, command: TaskCommand) -> bool:
         keys = self.deps.keys
@@ -185,7 +177,7 @@ class Hooks:
         """
         deadline = self.deps.settings.task_timeout + RELAY_GRACE_S
         limit = self.deps.settings.endpoint_max_response_size
-        batches = _output(self.deps.redis, self.deps.keys, request_id, deadline)
+        batches = task_output(self.deps.redis, self.deps.keys, request_id, deadline)
         status, body = 200, bytearray()
         headers: dict[str, str] = {}
         ended: AnyEvent | bool | None = False
@@ -343,74 +335,6 @@ async def _rest(
                     )
     finally:
         await batches.aclose()
-
-
-Batch = list[dict[str, Any] | AnyEvent | None]
-
-
-async def _output(
-    redis: aioredis.Redis, keys: Keys, request_id: str, deadline_s: float
-) -> AsyncGenerator[Batch]:
-    """The task's output in batches as read: chunks (dicts), then its terminal event.
-
-    ``None`` stands for an outcome that never came (the deadline, or an event no longer in the
-    events stream). The batch with the outcome is the last.
-    """
-    out = keys.out(request_id)
-    cursor = "0-0"
-    deadline = anyio.current_time() + deadline_s
-    while True:
-        remaining = deadline - anyio.current_time()
-        if remaining <= 0:
-            yield [None]
-            return
-        block = max(1, int(min(remaining, _IDLE_CHECK_S) * 1000))
-        reply: Any = await redis.xread({out: cursor}, count=512, block=block)
-        entries: list[Any] = reply[0][1] if reply else []
-        if not entries:
-            marker: Any = await redis.get(keys.done(request_id))
-            if not marker:
-                continue
-            rest: Any = await redis.xrange(out, min=f"({cursor}" if cursor != "0-0" else "-")
-            entries = rest
-            batch, cursor, done = _decode(entries, cursor)
-            if not done:
-                batch.append(await _event_at(redis, keys, text(marker)))
-            yield batch
-            return
-        batch, cursor, done = _decode(entries, cursor)
-        yield batch
-        if done:
-            return
-
-
-def _decode(entries: list[Any], cursor: str) -> tuple[Batch, str, bool]:
-    batch: Batch = []
-    for entry_id, fields in entries:
-        cursor = text(entry_id)
-        chunk = fields.get(b"chunk")
-        if chunk is not None:
-            value = orjson.loads(chunk)
-            if isinstance(value, dict):
-                batch.append(value)
-            continue
-        end = fields.get(b"end")
-        if end is not None:
-            try:
-                batch.append(decode_event(end))
-            except msgspec.DecodeError:
-                batch.append(None)
-            return batch, cursor, True
-    return batch, cursor, False
-
-
-async def _event_at(redis: aioredis.Redis, keys: Keys, entry_id: str) -> AnyEvent | None:
-    entries: Any = await redis.xrange(keys.events, min=entry_id, max=entry_id, count=1)
-    raw = entries[0][1].get(EVENT_FIELD.encode()) if entries else None
-    try:
-        return decode_event(raw) if raw is not None else None
-    except msgspec.DecodeError:
-        return None
 
 
 def _error(status: int, err: env.DifyError) -> Response:

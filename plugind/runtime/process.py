@@ -31,10 +31,11 @@ import anyio.lowlevel
 
 from plugind.errors import PlugindError, TimedOut
 from plugind.runtime import protocol
+from plugind.runtime._calls import serve_call
 from plugind.runtime._env import plugin_env
 from plugind.runtime._reader import OutputReader, describe_exit, signal_group, warn_if_pid1
 from plugind.runtime._sessions import SessionTable
-from plugind.runtime.backwards import STRUCT, Backwards, parse_call
+from plugind.runtime.backwards import Backwards
 from plugind.runtime.protocol import PluginRequest
 
 __all__ = ["ChunkCallback", "PluginProcess", "PluginRequest"]
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 ChunkCallback = Callable[[Any], Awaitable[None]]
 
 DEFAULT_MAX_LINE = 64 * 1024 * 1024
-_REPLY_WRITE_S = 10.0  # how long one answer to a backwards call may wait for the pipe
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,7 +275,13 @@ class PluginProcess:
                                 break
                             elif kind == "invoke":
                                 calls.start_soon(
-                                    self._serve_backwards, session_id, request, value, backwards
+                                    serve_call,
+                                    self._write,
+                                    self.identifier,
+                                    session_id,
+                                    request,
+                                    value,
+                                    backwards,
                                 )
                     except Exception as exc:
                         failure = exc
@@ -292,34 +298,6 @@ class PluginProcess:
             raise PlugindError("plugin_crashed", f"{self.identifier} dropped the session")
         finally:
             self._sessions.close(session_id)
-
-    async def _serve_backwards(
-        self, session_id: str, request: PluginRequest, data: Any, backwards: Backwards | None
-    ) -> None:
-        """Answer one backwards invocation of a session, ending it whatever happens."""
-        call = parse_call(data)
-        if isinstance(call, str):
-            log.warning("Plugin %s sent a malformed invoke: %s", self.identifier, call)
-            rid = data.get("backwards_request_id") if isinstance(data, dict) else None
-            if isinstance(rid, str) and rid:
-                reply = _Reply(self, session_id, request, rid)
-                await reply.fail(f"plugind cannot serve this call: {call}")
-                await reply.end()
-            return
-        reply = _Reply(self, session_id, request, call.backwards_request_id)
-        try:
-            if backwards is None:
-                await reply.fail(
-                    f"plugind cannot relay backwards invocations ({call.kind}) from here"
-                )
-            else:
-                await backwards(call, reply)
-        except PlugindError as exc:
-            await reply.fail(exc.message)
-        except Exception as exc:
-            log.exception("Serving %s's %s call failed", self.identifier, call.kind)
-            await reply.fail(f"plugind failed to serve the {call.kind} call: {exc!r}")
-        await reply.end()
 
     async def _write(self, line: bytes) -> None:
         assert self._popen is not None and self._popen.stdin is not None
@@ -437,52 +415,3 @@ class PluginProcess:
         assert self._ready is not None and self._exited is not None
         self._ready.set()
         self._exited.set()
-
-
-class _Reply:
-    """The answers to one backwards invocation, written to the plugin's stdin as they come.
-
-    Each line is written shielded from cancellation (with a cap): a line cut in half would
-    corrupt the next one, and costs the whole process.
-    """
-
-    __slots__ = ("_ended", "_failed", "_process", "_request", "_rid", "_session_id")
-
-    def __init__(
-        self, process: PluginProcess, session_id: str, request: PluginRequest, rid: str
-    ) -> None:
-        self._process = process
-        self._session_id = session_id
-        self._request = request
-        self._rid = rid
-        self._failed = False
-        self._ended = False
-
-    async def respond(self, data: Any, *, message: str = STRUCT) -> None:
-        if not (self._failed or self._ended):
-            await self._send("response", message, data)
-
-    async def fail(self, message: str) -> None:
-        if not (self._failed or self._ended):
-            self._failed = True
-            await self._send("error", message, None)
-
-    async def end(self) -> None:
-        if not self._ended:
-            self._ended = True
-            await self._send("end", "", None)
-
-    async def _send(self, event: str, message: str, data: Any) -> None:
-        line = protocol.encode_backwards(
-            self._session_id,
-            self._rid,
-            event,
-            message=message,
-            data=data,
-            request=self._request,
-        )
-        try:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(_REPLY_WRITE_S):
-                await self._process._write(line)
-        except PlugindError:
-            pass  # the process is gone: its sessions fail through the reader, not from here
