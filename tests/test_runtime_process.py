@@ -19,7 +19,7 @@ import anyio
 import pytest
 from plugin_factory import Plugin, json_of, tool, with_environment, write_plugin
 
-from plugind.errors import PlugindError
+from plugind.errors import PlugindError, TimedOut
 from plugind.runtime.backwards import BackwardsCall, BackwardsReply
 from plugind.runtime.interpreter import find_plugin_python
 from plugind.runtime.process import PluginProcess
@@ -183,6 +183,29 @@ async def test_backwards_invocations_go_to_the_sessions_handler(tester: Plugin) 
             )
         assert time.monotonic() - started < 3  # answered at once, not after the SDK's wait
         assert "the relay broke" in caught.value.message
+
+
+@pytest.mark.anyio
+async def test_a_call_in_flight_when_its_session_times_out_is_cancelled(tester: Plugin) -> None:
+    cancelled = anyio.Event()
+
+    async def hang(call: BackwardsCall, reply: BackwardsReply) -> None:
+        try:
+            await anyio.sleep(60)
+        except anyio.get_cancelled_exc_class():
+            cancelled.set()
+            raise
+
+    async with running(tester) as process:
+        with pytest.raises(TimedOut):
+            await process.invoke(
+                tool("tester", "backwards"), timeout=1, max_result_size=1 << 20, backwards=hang
+            )
+        assert cancelled.is_set()
+        chunks = await process.invoke(
+            tool("tester", "echo", x=1), timeout=5, max_result_size=1 << 20
+        )
+        assert json_of(chunks) == [{"echo": {"x": 1}}]
 
 
 # ------------------------------------------------------------------ interpreters

@@ -3,7 +3,8 @@
 :func:`serve_call` runs in a task of its own for each ``invoke`` the session reads (see
 :meth:`plugind.runtime.process.PluginProcess.invoke`), hands the call to the session's
 :data:`~plugind.runtime.backwards.Backwards` and makes sure the plugin gets its ``end``: a
-malformed call, a missing relay and a relay that raises are each answered with an ``error``.
+malformed call, a missing relay and a relay that raises are each answered with an ``error``,
+and so is a call still running when its session ends (it is cancelled).
 """
 
 from __future__ import annotations
@@ -97,6 +98,12 @@ async def serve_call(
             await reply.fail(f"plugind cannot relay backwards invocations ({call.kind}) from here")
         else:
             await backwards(call, reply)
+    except anyio.get_cancelled_exc_class():
+        # The session ended (timed out, failed) with the call in flight: tell the plugin, so
+        # its session's code stops waiting now rather than after the SDK's 250 s.
+        await reply.fail(f"the {call.kind} call was abandoned: its session ended")
+        await reply.end()
+        raise
     except PlugindError as exc:
         await reply.fail(exc.message)
     except Exception as exc:
