@@ -43,8 +43,9 @@ from plugind.dify.deps import DifyDeps
 from plugind.dify.dispatch import PUBLISH_IF_INSTALLED, RELAY_GRACE_S
 from plugind.dify.endpoint_secrets import EndpointSecrets
 from plugind.dify.endpoints import declaration_of
+from plugind.dify.stream import terminal_error
 from plugind.dify.task_output import Batch, task_output
-from plugind.messages import AnyEvent, TaskCommand, TaskFailed, TaskSucceeded
+from plugind.messages import AnyEvent, TaskCommand, TaskSucceeded
 
 log = logging.getLogger(__name__)
 
@@ -300,14 +301,9 @@ def _succeeded(ended: AnyEvent | bool | None) -> bool:
 
 
 def _failure(ended: AnyEvent | bool | None) -> env.DifyError:
-    if isinstance(ended, TaskFailed):
-        error = ended.error
-        if error.code == "plugin_error":
-            return env.invoke_error(error.error_type, error.message, error.args)
-        return env.internal_error(error.message, {"code": error.code})
-    if ended is None:
+    if ended is None or isinstance(ended, bool):
         return env.timeout_error()
-    return env.internal_error(f"the endpoint's request ended with {type(ended).__name__}")
+    return terminal_error(ended) or env.internal_error("the endpoint answered nothing")
 
 
 async def _rest(
