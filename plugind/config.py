@@ -59,6 +59,14 @@ class Settings:
     api_key: str | None = None
     dify_api_url: str | None = None
     dify_inner_api_key: str | None = None
+    # plugins' calls back into Dify (plugind.backwards): upstream's timeouts, a bounded pool
+    dify_inner_api_connect_timeout: float = 5.0
+    dify_inner_api_write_timeout: float = 5.0
+    dify_inner_api_read_timeout: float = 240.0
+    dify_inner_api_pool_size: int = 64
+    plugin_storage_max_size: int = 100 * 1024 * 1024  # per tenant and plugin, whatever it asks
+    endpoint_max_request_size: int = 10 * 1024 * 1024  # the body of a request to /e/{hook_id}
+    endpoint_max_response_size: int = 8 * 1024 * 1024  # the body a plugin endpoint answers
     plugin_python: str | None = None
     plugin_pip_index_url: str | None = None
     plugin_offline: bool = False
@@ -99,6 +107,13 @@ def _float(name: str, raw: str, *, low: float, high: float) -> float:
     if not low < value <= high:
         raise ConfigError(f"{name} must be greater than {low} and at most {high}, got {value}")
     return value
+
+
+def _seconds(name: str, raw: str) -> float:
+    """Seconds; upstream's ``DIFY_BACKWARDS_INVOCATION_*_TIMEOUT`` aliases are milliseconds."""
+    if name.startswith("DIFY_BACKWARDS_INVOCATION_"):
+        return _float(name, raw, low=0, high=86_400_000) / 1000
+    return _float(name, raw, low=0, high=86_400)
 
 
 def _bool(name: str, raw: str) -> bool:
@@ -221,6 +236,44 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         "DIFY_API_URL",
     )
     take("DIFY_INNER_API_KEY", "dify_inner_api_key", lambda n, r: r)
+    take(
+        "DIFY_INNER_API_CONNECT_TIMEOUT",
+        "dify_inner_api_connect_timeout",
+        lambda n, r: _float(n, r, low=0, high=3600),
+    )
+    take(
+        "DIFY_INNER_API_WRITE_TIMEOUT",
+        "dify_inner_api_write_timeout",
+        _seconds,
+        "DIFY_BACKWARDS_INVOCATION_WRITE_TIMEOUT",
+    )
+    take(
+        "DIFY_INNER_API_READ_TIMEOUT",
+        "dify_inner_api_read_timeout",
+        _seconds,
+        "DIFY_BACKWARDS_INVOCATION_READ_TIMEOUT",
+    )
+    take(
+        "DIFY_INNER_API_POOL_SIZE",
+        "dify_inner_api_pool_size",
+        lambda n, r: _int(n, r, low=1, high=10_000),
+    )
+    take(
+        "PLUGIN_STORAGE_MAX_SIZE",
+        "plugin_storage_max_size",
+        lambda n, r: _int(n, r, low=1024, high=2**40),
+        "PERSISTENCE_STORAGE_MAX_SIZE",
+    )
+    take(
+        "PLUGIN_ENDPOINT_MAX_REQUEST_SIZE",
+        "endpoint_max_request_size",
+        lambda n, r: _int(n, r, low=1024, high=2**31),
+    )
+    take(
+        "PLUGIN_ENDPOINT_MAX_RESPONSE_SIZE",
+        "endpoint_max_response_size",
+        lambda n, r: _int(n, r, low=1024, high=2**31),
+    )
     take("PLUGIN_PYTHON", "plugin_python", lambda n, r: r)
     take(
         "PLUGIN_PIP_INDEX_URL",

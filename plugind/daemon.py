@@ -33,6 +33,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp
 
 from plugind import __version__
+from plugind.backwards import InnerApi, Permissions, PluginStorage, Relay
 from plugind.bus.consumer import StreamConsumer
 from plugind.bus.emit import Emitter
 from plugind.bus.groups import ensure_group
@@ -91,6 +92,7 @@ class Daemon:
     consumers: list[StreamConsumer] = field(default_factory=list)
     plugins: PluginPool | None = None
     emitter: Emitter | None = None  # the workers' (tests reach its pipeline's fault hook)
+    inner_api: InnerApi | None = None  # Dify's inner API (DIFY_INNER_API_URL), if configured
     outages: Outages = field(default_factory=Outages)
     _stop: anyio.Event = field(default_factory=anyio.Event)
 
@@ -118,6 +120,10 @@ class Daemon:
                 applied = await migrate(conn, schema=settings.db_schema)
             if applied:
                 log.info("Applied database migrations: %s", ", ".join(applied))
+            self.inner_api = InnerApi.from_settings(settings)
+            if self.inner_api is not None:
+                stack.push_async_callback(self.inner_api.aclose)
+                log.info("Plugins' calls back into Dify go to %s", self.inner_api.base_url)
             self.plugins = PluginPool(
                 instances=settings.plugin_instances,
                 memory_limit=settings.plugin_memory_limit,
@@ -280,6 +286,7 @@ class Daemon:
                 pool=self.db,
                 settings=settings,
                 signature_keys=tuple(load_public_keys(settings.signature_public_keys)),
+                inner_api=self.inner_api,
             )
         )
 
@@ -305,6 +312,12 @@ class Daemon:
             plugins=self.plugins,
             signature_keys=signature_keys,
             outages=outages,
+            backwards=Relay(
+                permissions=Permissions(self.db),
+                storage=PluginStorage(self.db),
+                inner_api=self.inner_api,
+                storage_max_size=settings.plugin_storage_max_size,
+            ),
         )
 
     async def _serve(self, tg: TaskGroup, role: str, app: ASGIApp, port: int) -> _Server:

@@ -167,6 +167,65 @@ class TaskTimedOut(Event, tag="task.timed_out", kw_only=True):
     duration_ms: float
 
 
+class BackwardsInvoked(Event, tag="task.backwards_invoked", kw_only=True):
+    """A plugin called back into Dify (or its storage) during a task: what, never contents.
+
+    ``outcome`` is ``ok``, ``error`` (Dify or the storage failed; ``error`` says why) or
+    ``denied`` (refused before leaving plugind: the manifest's permissions, a model plugin).
+    """
+
+    plugin_id: str
+    kind: str
+    target: str
+    outcome: str
+    duration_ms: float
+    error: str | None = None
+
+
+class EndpointEvent(Event, kw_only=True):
+    """A tenant's endpoint (a plugin's HTTP hook at ``/e/{hook_id}``) as it now is.
+
+    ``settings`` hold the endpoint's settings with every secret input masked; the secret
+    values themselves (encrypted by Dify) are kept outside the event log.
+    """
+
+    plugin_id: str
+    endpoint_id: str
+    hook_id: str
+    name: str
+    settings: dict[str, Any] = msgspec.field(default_factory=dict)
+    user_id: str = ""
+
+
+class EndpointSetUp(EndpointEvent, tag="endpoint.set_up", kw_only=True):
+    pass
+
+
+class EndpointUpdated(EndpointEvent, tag="endpoint.updated", kw_only=True):
+    pass
+
+
+class EndpointEnabled(EndpointEvent, tag="endpoint.enabled", kw_only=True):
+    pass
+
+
+class EndpointDisabled(EndpointEvent, tag="endpoint.disabled", kw_only=True):
+    pass
+
+
+class EndpointRemoved(EndpointEvent, tag="endpoint.removed", kw_only=True):
+    pass
+
+
+ENDPOINT_EVENTS: Final = (
+    EndpointSetUp,
+    EndpointUpdated,
+    EndpointEnabled,
+    EndpointDisabled,
+    EndpointRemoved,
+)
+
+
 class CommandRejected(Event, tag="command.rejected", kw_only=True):
     stream: str
     entry_id: str
@@ -191,6 +250,12 @@ AnyEvent = (
     | TaskSucceeded
     | TaskFailed
     | TaskTimedOut
+    | BackwardsInvoked
+    | EndpointSetUp
+    | EndpointUpdated
+    | EndpointEnabled
+    | EndpointDisabled
+    | EndpointRemoved
     | CommandRejected
     | CommandDeadLettered
 )

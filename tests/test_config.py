@@ -231,3 +231,41 @@ def test_the_compose_override_for_dify_gives_a_valid_configuration() -> None:
     assert (settings.api_key, settings.http_port) == (DIFY_COMPOSE_ENV["SERVER_KEY"], 5002)
     dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
     assert re.search(r"apt-get install [^\n]*\bcurl\b", dockerfile)
+
+
+def test_calls_back_into_dify_and_endpoints() -> None:
+    defaults = load_settings({})
+    assert (
+        defaults.dify_inner_api_connect_timeout,
+        defaults.dify_inner_api_write_timeout,
+        defaults.dify_inner_api_read_timeout,
+    ) == (5.0, 5.0, 240.0)
+    assert defaults.dify_inner_api_pool_size == 64
+    assert defaults.plugin_storage_max_size == 100 * 1024 * 1024
+    assert defaults.endpoint_max_request_size == 10 * 1024 * 1024
+    dify_names = load_settings(
+        {
+            "DIFY_BACKWARDS_INVOCATION_WRITE_TIMEOUT": "2500",
+            "DIFY_BACKWARDS_INVOCATION_READ_TIMEOUT": "60000",
+            "PERSISTENCE_STORAGE_MAX_SIZE": "4096",
+        }
+    )
+    assert dify_names.dify_inner_api_write_timeout == 2.5  # upstream's are milliseconds
+    assert dify_names.dify_inner_api_read_timeout == 60.0
+    assert dify_names.plugin_storage_max_size == 4096
+    ours = load_settings(
+        {
+            "DIFY_INNER_API_READ_TIMEOUT": "30",
+            "DIFY_BACKWARDS_INVOCATION_READ_TIMEOUT": "60000",
+            "DIFY_INNER_API_POOL_SIZE": "8",
+            "PLUGIN_ENDPOINT_MAX_REQUEST_SIZE": "2048",
+            "PLUGIN_ENDPOINT_MAX_RESPONSE_SIZE": "4096",
+        }
+    )
+    assert ours.dify_inner_api_read_timeout == 30.0
+    assert (ours.dify_inner_api_pool_size, ours.endpoint_max_request_size) == (8, 2048)
+    assert ours.endpoint_max_response_size == 4096
+    with pytest.raises(ConfigError, match="DIFY_INNER_API_POOL_SIZE"):
+        load_settings({"DIFY_INNER_API_POOL_SIZE": "0"})
+    with pytest.raises(ConfigError, match="DIFY_BACKWARDS_INVOCATION_READ_TIMEOUT"):
+        load_settings({"DIFY_BACKWARDS_INVOCATION_READ_TIMEOUT": "soon"})

@@ -689,7 +689,7 @@ async def test_unknown_routes(api: DifyApi) -> None:
     assert response.status_code == 404
 
 
-async def test_what_plugind_does_not_do_is_said_clearly(api: DifyApi) -> None:
+async def test_no_endpoints_and_no_remote_debugging(api: DifyApi) -> None:
     assert await call(api, "GET", "endpoint/list", params={"page": 1, "page_size": 10}) == []
     assert (
         await call(
@@ -700,7 +700,9 @@ async def test_what_plugind_does_not_do_is_said_clearly(api: DifyApi) -> None:
         )
         == []
     )
-    for path in ("endpoint/setup", "debugging/key"):
-        error = await refused(api, "POST", path, body={})
-        assert error.raised == "PluginDaemonBadRequestError"
-        assert "not supported by plugind" in error.description
+    setup = await refused(api, "POST", "endpoint/setup", body={})
+    assert setup.raised == "PluginDaemonBadRequestError"
+    assert "plugin_unique_identifier" in setup.description
+    debugging = await refused(api, "POST", "debugging/key", body={})
+    assert debugging.raised == "PluginDaemonBadRequestError"
+    assert "not supported by plugind" in debugging.description

@@ -16,12 +16,15 @@ import pytest
 from plugind.errors import PlainCode, PlugindError, TimedOut
 from plugind.handlers.decide import (
     LogLine,
+    backwards_invoked,
+    caller,
     plugin_request,
     task_ended,
     task_started,
     task_timeout,
 )
 from plugind.messages import EventFactory, TaskCommand, encode
+from plugind.runtime.backwards import BackwardsOutcome, Caller
 from plugind.runtime.protocol import PluginRequest
 
 AT = "2025-01-02T03:04:05.000006Z"
@@ -222,3 +225,31 @@ def test_the_plugin_gets_difys_fields_unchanged() -> None:
         context={"trace": "x"},
     )
     assert plugin_request(command(user_id="")) == PluginRequest("tool", "invoke_tool", PAYLOAD)
+
+
+def test_a_backwards_call_as_it_goes_on_the_wire() -> None:
+    who = caller(command(), plugin_id="acme/calc", identifier=IDENTIFIER)
+    assert who == Caller("r3", "t1", "u1", "acme/calc", IDENTIFIER, "tool", "invoke_tool")
+    ok = BackwardsOutcome("llm", "openai/gpt-4o", "ok", 12.5)
+    event, line = backwards_invoked(EVENTS, command(), ok, plugin_id="acme/calc")
+    assert wire(event) == {
+        "type": "task.backwards_invoked",
+        **COMMON,
+        "request_id": "r3",
+        "tenant_id": "t1",
+        "plugin_id": "acme/calc",
+        "kind": "llm",
+        "target": "openai/gpt-4o",
+        "outcome": "ok",
+        "duration_ms": 12.5,
+        "error": None,
+    }
+    assert line.level == logging.DEBUG
+    denied = BackwardsOutcome("storage", "set", "denied", 0.2, "permission denied")
+    event, line = backwards_invoked(EVENTS, command(), denied, plugin_id="acme/calc")
+    assert wire(event)["error"] == "permission denied"
+    assert line.level == logging.WARNING
+    assert line.render() == (
+        "Plugin backwards call: acme/calc storage set, request_id=r3, outcome=denied, "
+        "duration=0.2ms, error=permission denied"
+    )

@@ -19,7 +19,8 @@ import anyio
 import pytest
 from plugin_factory import Plugin, json_of, tool, with_environment, write_plugin
 
-from plugind.errors import PlugindError
+from plugind.errors import PlugindError, TimedOut
+from plugind.runtime.backwards import BackwardsCall, BackwardsReply
 from plugind.runtime.interpreter import find_plugin_python
 from plugind.runtime.process import PluginProcess
 
@@ -155,6 +156,56 @@ async def test_backwards_invocations_are_refused_not_left_hanging(tester: Plugin
         assert time.monotonic() - started < 3
         assert caught.value.code == "plugin_error"
         assert "cannot relay backwards invocations (storage)" in caught.value.message
+
+
+@pytest.mark.anyio
+async def test_backwards_invocations_go_to_the_sessions_handler(tester: Plugin) -> None:
+    calls: list[BackwardsCall] = []
+
+    async def answer(call: BackwardsCall, reply: BackwardsReply) -> None:
+        calls.append(call)
+        await reply.respond({"data": b"from the handler".hex()})
+
+    async def broken(call: BackwardsCall, reply: BackwardsReply) -> None:
+        raise RuntimeError("the relay broke")
+
+    async with running(tester) as process:
+        chunks = await process.invoke(
+            tool("tester", "backwards"), timeout=10, max_result_size=1 << 20, backwards=answer
+        )
+        assert [c["message"]["text"] for c in chunks] == ["from the handler"]
+        [call] = calls
+        assert (call.kind, call.request) == ("storage", {"opt": "get", "key": "answer"})
+        started = time.monotonic()
+        with pytest.raises(PlugindError) as caught:
+            await process.invoke(
+                tool("tester", "backwards"), timeout=10, max_result_size=1 << 20, backwards=broken
+            )
+        assert time.monotonic() - started < 3  # answered at once, not after the SDK's wait
+        assert "the relay broke" in caught.value.message
+
+
+@pytest.mark.anyio
+async def test_a_call_in_flight_when_its_session_times_out_is_cancelled(tester: Plugin) -> None:
+    cancelled = anyio.Event()
+
+    async def hang(call: BackwardsCall, reply: BackwardsReply) -> None:
+        try:
+            await anyio.sleep(60)
+        except anyio.get_cancelled_exc_class():
+            cancelled.set()
+            raise
+
+    async with running(tester) as process:
+        with pytest.raises(TimedOut):
+            await process.invoke(
+                tool("tester", "backwards"), timeout=1, max_result_size=1 << 20, backwards=hang
+            )
+        assert cancelled.is_set()
+        chunks = await process.invoke(
+            tool("tester", "echo", x=1), timeout=5, max_result_size=1 << 20
+        )
+        assert json_of(chunks) == [{"echo": {"x": 1}}]
 
 
 # ------------------------------------------------------------------ interpreters

@@ -113,10 +113,12 @@ async def cmd_audit(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if not diff.ok:
-        shown = [" ".join((e.table, *e.key)) for e in (*diff.plugins, *diff.tasks)][:10]
+        entries = (*diff.plugins, *diff.tasks, *diff.endpoints)
+        shown = [" ".join((e.table, *e.key)) for e in entries][:10]
         print(
             f"plugind: the read models differ from a rebuild of the event log: "
-            f"{diff.plugins_differing} plugin row(s), {diff.tasks_differing} task row(s) "
+            f"{diff.plugins_differing} plugin row(s), {diff.tasks_differing} task row(s), "
+            f"{diff.endpoints_differing} endpoint row(s) "
             f"(e.g. {', '.join(shown)}); `plugind projections rebuild` recomputes them",
             file=sys.stderr,
         )

@@ -2,10 +2,11 @@
 (docs/dify.md, "What Dify's console does, and what plugind does for it").
 
 ``/plugin/{tenant_id}/management/…`` and ``asset/{id}`` (:mod:`plugind.dify.management`),
-``/plugin/{tenant_id}/dispatch/…`` (:mod:`plugind.dify.dispatch`), the routes of what plugind
-does not do (yet) with a clear answer, and, last, a catch-all that answers any other
-``/plugin/…`` path with a Dify-shaped 404. The ``X-Api-Key`` check (:mod:`plugind.http.auth`)
-runs before all of them.
+``/plugin/{tenant_id}/dispatch/…`` (:mod:`plugind.dify.dispatch`),
+``/plugin/{tenant_id}/endpoint/…`` (:mod:`plugind.dify.endpoints`), remote debugging refused
+with a clear answer, and, last, a catch-all that answers any other ``/plugin/…`` path with a
+Dify-shaped 404. The ``X-Api-Key`` check (:mod:`plugind.http.auth`) runs before all of them.
+The plugin endpoints themselves, ``/e/{hook_id}/…`` (:mod:`plugind.dify.hooks`), are public.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from starlette.routing import BaseRoute, Route
 
 from plugind.dify.deps import DifyDeps
 from plugind.dify.dispatch import dispatch_routes
-from plugind.dify.envelope import bad_request, error, not_found, ok
+from plugind.dify.endpoints import Endpoints
+from plugind.dify.envelope import bad_request, error, not_found
+from plugind.dify.hooks import Hooks
 from plugind.dify.management import Management, error_response
 
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -29,16 +32,15 @@ def dify_routes(deps: DifyDeps) -> list[BaseRoute]:
     return [
         *Management(deps).routes(),
         *dispatch_routes(deps),
+        *Endpoints(deps).routes(),
+        *Hooks(deps).routes(),
         *_not_supported(),
         Route("/plugin/{rest:path}", _unknown, methods=_ALL_METHODS),
     ]
 
 
 def _not_supported() -> list[BaseRoute]:
-    """Plugin endpoints (webhooks) and remote debugging: listed as none, refused clearly."""
-
-    async def none(request: Request) -> Response:
-        return ok([])
+    """Remote debugging of plugins: refused clearly."""
 
     def refuse(what: str) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
@@ -48,13 +50,6 @@ def _not_supported() -> list[BaseRoute]:
 
     base = "/plugin/{tenant_id}"
     return [
-        Route(f"{base}/endpoint/list", none, methods=["GET"]),
-        Route(f"{base}/endpoint/list/plugin", none, methods=["GET"]),
-        Route(
-            f"{base}/endpoint/{{action:str}}",
-            refuse("setting up plugin endpoints"),
-            methods=["POST"],
-        ),
         Route(f"{base}/debugging/key", refuse("remote debugging of plugins"), methods=["POST"]),
     ]
 

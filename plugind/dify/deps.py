@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
+from plugind.backwards import InnerApi
 from plugind.bus.codec import text
 from plugind.bus.keys import Keys, installed_field
 from plugind.client import Client
@@ -30,6 +31,8 @@ class DifyDeps:
     settings: Settings
     # PEM bytes of the trusted package-signing keys (PLUGIN_SIGNATURE_PUBLIC_KEYS), if any
     signature_keys: tuple[bytes, ...] = ()
+    # Dify's inner API (DIFY_INNER_API_URL): encrypts endpoint settings; None when not set
+    inner_api: InnerApi | None = None
     client: Client = field(init=False)
 
     def __post_init__(self) -> None:

@@ -14,6 +14,7 @@ from plugind.installed.local_plugins import LocalPlugins
 from plugind.installed.registry import Registry
 from plugind.messages import EventFactory
 from plugind.outage import Outages
+from plugind.runtime.backwards import BackwardsRelay
 from plugind.runtime.pool import PluginPool
 
 
@@ -30,3 +31,5 @@ class HandlerContext:
     plugins: PluginPool
     signature_keys: tuple[bytes, ...] = ()  # PEM public keys; checked when verify_signature is on
     outages: Outages = field(default_factory=Outages)  # the daemon's, shared by its roles
+    # serves plugins' calls back into Dify (plugind.backwards); None: they are refused
+    backwards: BackwardsRelay | None = None

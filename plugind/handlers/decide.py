@@ -25,6 +25,7 @@ from plugind.bus.emit import RegistryChange
 from plugind.errors import PlugindError, TimedOut
 from plugind.messages import (
     AnyCommand,
+    BackwardsInvoked,
     CommandDeadLettered,
     CommandRejected,
     ErrorInfo,
@@ -46,6 +47,7 @@ from plugind.messages import (
     decode_command,
 )
 from plugind.package.difypkg import PluginPackage
+from plugind.runtime.backwards import BackwardsOutcome, Caller
 from plugind.runtime.protocol import PluginRequest
 
 E = TypeVar("E", bound=Event)
@@ -486,3 +488,55 @@ def task_ended(
         )
     )
     return Terminal(event, tuple(lines))
+
+
+def caller(cmd: TaskCommand, *, plugin_id: str, identifier: str) -> Caller:
+    """The task as the plugin's calls back into Dify see it: on whose behalf, from where."""
+    return Caller(
+        request_id=cmd.request_id,
+        tenant_id=cmd.tenant_id,
+        user_id=cmd.user_id,
+        plugin_id=plugin_id,
+        identifier=identifier,
+        access=cmd.access,
+        action=cmd.action,
+    )
+
+
+MAX_BACKWARDS_ERROR = 500  # characters of a failed call's error kept in its event
+
+
+def backwards_invoked(
+    events: EventFactory, cmd: TaskCommand, outcome: BackwardsOutcome, *, plugin_id: str
+) -> tuple[BackwardsInvoked, LogLine]:
+    """``task.backwards_invoked`` for one call of the plugin, and its log line.
+
+    Calls that went well are logged at DEBUG (an agent makes many); refusals and failures at
+    WARNING, with the reason.
+    """
+    event = events(
+        BackwardsInvoked,
+        request_id=cmd.request_id,
+        tenant_id=cmd.tenant_id,
+        plugin_id=plugin_id,
+        kind=outcome.kind,
+        target=outcome.target,
+        outcome=outcome.outcome,
+        duration_ms=outcome.duration_ms,
+        error=outcome.error[:MAX_BACKWARDS_ERROR] if outcome.error else None,
+    )
+    level = logging.DEBUG if outcome.outcome == "ok" else logging.WARNING
+    line = LogLine(
+        level,
+        "Plugin backwards call: %s %s %s, request_id=%s, outcome=%s, duration=%.1fms%s",
+        (
+            plugin_id,
+            outcome.kind,
+            outcome.target or "-",
+            cmd.request_id,
+            outcome.outcome,
+            outcome.duration_ms,
+            f", error={outcome.error}" if outcome.error else "",
+        ),
+    )
+    return event, line

@@ -7,13 +7,23 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
+
 from plugind.bus.delivery import Delivery
 from plugind.errors import PlugindError
 from plugind.handlers.context import HandlerContext
-from plugind.handlers.decide import plugin_request, task_ended, task_started, task_timeout
-from plugind.handlers.finish import finish
+from plugind.handlers.decide import (
+    backwards_invoked,
+    caller,
+    plugin_request,
+    task_ended,
+    task_started,
+    task_timeout,
+)
+from plugind.handlers.finish import finish, write
 from plugind.handlers.timing import ms_since
 from plugind.messages import TaskCommand
+from plugind.runtime.backwards import Backwards, BackwardsCall, BackwardsOutcome, BackwardsReply
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +53,7 @@ async def handle_task(ctx: HandlerContext, delivery: Delivery, cmd: TaskCommand)
             plugin_request(cmd),
             timeout=timeout,
             on_chunk=_chunk_publisher(ctx, cmd.request_id) if cmd.stream else None,
+            backwards=_backwards(ctx, cmd, plugin_id=plugin_id, identifier=identifier),
         )
     except PlugindError as exc:
         outcome = exc
@@ -62,3 +73,35 @@ def _chunk_publisher(ctx: HandlerContext, request_id: str) -> Callable[[Any], Aw
         await ctx.emitter.chunk(request_id, chunk)
 
     return publish
+
+
+# How long the audit event of a backwards call may wait for Redis once its session has ended.
+AUDIT_WRITE_S = 5.0
+
+
+def _backwards(
+    ctx: HandlerContext, cmd: TaskCommand, *, plugin_id: str, identifier: str
+) -> Backwards | None:
+    """The task's plugin calling back into Dify: through the relay, each call an event."""
+    relay = ctx.backwards
+    if relay is None:
+        return None  # the process refuses them, saying so
+    who = caller(cmd, plugin_id=plugin_id, identifier=identifier)
+
+    async def serve(call: BackwardsCall, reply: BackwardsReply) -> None:
+        started = time.monotonic()
+        outcome: BackwardsOutcome | None = None
+        try:
+            outcome = await relay(who, call, reply)
+            await reply.end()  # the plugin goes on; the audit event needs no answer
+        finally:
+            if outcome is None:  # cancelled with its session, or the relay broke
+                outcome = BackwardsOutcome(
+                    call.kind, "", "error", ms_since(started), "the call did not finish"
+                )
+            event, line = backwards_invoked(ctx.events, cmd, outcome, plugin_id=plugin_id)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(AUDIT_WRITE_S):
+                await ctx.emitter.emit(event)
+            write(log, (line,))
+
+    return serve

@@ -193,7 +193,7 @@ def build_declaration(
     tool_names: list[str] = []
     for key, (target, files_key) in PROVIDER_KINDS.items():
         for path in manifest["plugins"].get(key) or []:
-            provider = _provider(source, path)
+            provider = _provider(source, path, needs_identity=key != "endpoints")
             if key in _CREDENTIAL_KINDS:
                 _normalise_credentials(provider)
             if key == "models":
@@ -214,12 +214,13 @@ def build_declaration(
     return declaration, tool_names
 
 
-def _provider(source: YamlSource, path: str) -> dict[str, Any]:
+def _provider(source: YamlSource, path: str, *, needs_identity: bool = True) -> dict[str, Any]:
+    """A provider YAML; an endpoint group has no identity (just settings and endpoints)."""
     provider = source.load(path, "provider")
     if not isinstance(provider, dict):
         raise PlugindError("invalid_package", f"{path} must be a YAML mapping")
     identity = provider.get("identity")
-    if "provider" not in provider and not isinstance(identity, dict):
+    if needs_identity and "provider" not in provider and not isinstance(identity, dict):
         raise PlugindError("invalid_package", f"{path} has no `identity` mapping")
     return provider
 

@@ -188,17 +188,24 @@ class InstalledPackageRow:
     declaration: dict[str, Any]
     source: str
     meta: dict[str, Any]
+    endpoints_setups: int = 0
+    endpoints_active: int = 0
 
 
 _INSTALLED_WITH_PACKAGES: Final = """
 SELECT p.tenant_id, p.plugin_id, p.identifier, p.version, p.installed_at, p.updated_at,
-       pkg.sha256, pkg.declaration, s.source, s.meta::text AS meta
+       pkg.sha256, pkg.declaration, s.source, s.meta::text AS meta,
+       ep.setups AS endpoints_setups, ep.active AS endpoints_active
 FROM plugins p
 JOIN LATERAL (
     SELECT sha256, declaration::text AS declaration FROM packages
     WHERE identifier = p.identifier ORDER BY created_at DESC LIMIT 1
 ) pkg ON true
 LEFT JOIN dify_install_sources s ON s.tenant_id = p.tenant_id AND s.identifier = p.identifier
+CROSS JOIN LATERAL (
+    SELECT count(*) AS setups, count(*) FILTER (WHERE e.enabled) AS active FROM endpoints e
+    WHERE e.tenant_id = p.tenant_id AND e.plugin_id = p.plugin_id
+) ep
 WHERE p.tenant_id = $1 AND p.status = 'installed'
 """
 
@@ -232,6 +239,8 @@ async def installed_with_packages(
             declaration=orjson.loads(row["declaration"]),
             source=row["source"] or "package",
             meta=orjson.loads(row["meta"]) if row["meta"] else {},
+            endpoints_setups=int(row["endpoints_setups"]),
+            endpoints_active=int(row["endpoints_active"]),
         )
         for row in rows
     ]

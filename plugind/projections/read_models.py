@@ -1,4 +1,4 @@
-"""How each event changes the ``plugins`` and ``tasks`` read models.
+"""How each event changes the ``plugins``, ``tasks`` and ``endpoints`` read models.
 
 Plain functions of (connection, event) with no side effects beyond those two tables, so the
 projector, a rebuild and a point-in-time replay all fold events the same way. Every statement is
@@ -16,6 +16,12 @@ from plugind.messages import (
     AnyEvent,
     CommandDeadLettered,
     CommandRejected,
+    EndpointDisabled,
+    EndpointEnabled,
+    EndpointEvent,
+    EndpointRemoved,
+    EndpointSetUp,
+    EndpointUpdated,
     Installed,
     TaskFailed,
     TaskStarted,
@@ -104,6 +110,24 @@ UPDATE plugins SET status = 'uninstalled', updated_at = $3
 WHERE tenant_id = $1 AND plugin_id = $2
 """
 
+_ENDPOINT_SET_UP: Final = """
+INSERT INTO endpoints (endpoint_id, tenant_id, plugin_id, hook_id, name, user_id, enabled,
+                       settings, created_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, true, $7::text::jsonb, $8, $8)
+ON CONFLICT (endpoint_id) DO NOTHING
+"""
+
+_ENDPOINT_UPDATED: Final = """
+UPDATE endpoints SET name = $3, settings = $4::text::jsonb, updated_at = $5
+WHERE endpoint_id = $1 AND tenant_id = $2
+"""
+
+_ENDPOINT_SWITCHED: Final = """
+UPDATE endpoints SET enabled = $3, updated_at = $4 WHERE endpoint_id = $1 AND tenant_id = $2
+"""
+
+_ENDPOINT_REMOVED: Final = "DELETE FROM endpoints WHERE endpoint_id = $1 AND tenant_id = $2"
+
 
 Statement = tuple[str, tuple[Any, ...]]
 
@@ -163,14 +187,42 @@ def statement_for(
             )
         case Uninstalled():
             return _UNINSTALLED, (event.tenant_id, short_plugin_id(event.plugin_id), at)
+        case EndpointSetUp():
+            return _ENDPOINT_SET_UP, (
+                event.endpoint_id,
+                event.tenant_id,
+                event.plugin_id,
+                event.hook_id,
+                event.name,
+                event.user_id,
+                _json(event.settings),
+                at,
+            )
+        case EndpointUpdated():
+            return _ENDPOINT_UPDATED, (
+                event.endpoint_id,
+                event.tenant_id,
+                event.name,
+                _json(event.settings),
+                at,
+            )
+        case EndpointEnabled() | EndpointDisabled():
+            enabled = isinstance(event, EndpointEnabled)
+            return _ENDPOINT_SWITCHED, (event.endpoint_id, event.tenant_id, enabled, at)
+        case EndpointRemoved():
+            return _ENDPOINT_REMOVED, (event.endpoint_id, event.tenant_id)
         case _:
-            return None  # progress, install_started, install_failed: the event log is their record
+            # progress, install_started, install_failed, backwards calls: the event log is
+            # their record
+            return None
 
 
 def _row_key(event: AnyEvent) -> tuple[str, ...]:
     """The read-model row an event's statement touches."""
     if isinstance(event, Installed | Uninstalled):
         return ("plugin", event.tenant_id, short_plugin_id(event.plugin_id))
+    if isinstance(event, EndpointEvent):
+        return ("endpoint", event.endpoint_id)
     return ("task", event.request_id)
 
 

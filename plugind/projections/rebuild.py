@@ -35,10 +35,12 @@ from plugind.projections.replay import (
 IGNORED_COLUMNS: Final[dict[str, frozenset[str]]] = {
     "plugins": frozenset(),
     "tasks": frozenset(),
+    "endpoints": frozenset(),
 }
 TABLE_KEYS: Final[dict[str, tuple[str, ...]]] = {
     "plugins": ("tenant_id", "plugin_id"),
     "tasks": ("request_id",),
+    "endpoints": ("endpoint_id",),
 }
 
 
@@ -52,6 +54,7 @@ class RebuildResult:
     plugins: int
     tasks: int
     duration_s: float
+    endpoints: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +63,7 @@ class RebuildResult:
             "head_position": self.head_position,
             "plugins": self.plugins,
             "tasks": self.tasks,
+            "endpoints": self.endpoints,
             "duration_s": round(self.duration_s, 3),
         }
 
@@ -71,7 +75,7 @@ async def rebuild_read_models(
     batch_size: int = 5000,
     tasks_stream: str | None = None,
 ) -> RebuildResult:
-    """Empty ``plugins`` and ``tasks`` and fold every logged event back in, in ONE transaction.
+    """Empty the read models and fold every logged event back in, in ONE transaction.
 
     ``progress(done, total)`` is called after each batch of ``batch_size`` log rows.
     ``tasks_stream`` defaults to the one the projector follows (from its checkpoint).
@@ -81,12 +85,13 @@ async def rebuild_read_models(
         await conn.execute(
             "SELECT name FROM projection_checkpoints ORDER BY name FOR UPDATE"
         )  # see the module docstring: the projector's lock order
-        await conn.execute("LOCK TABLE plugins, tasks IN EXCLUSIVE MODE")
+        await conn.execute("LOCK TABLE plugins, tasks, endpoints IN EXCLUSIVE MODE")
         if tasks_stream is None:
             tasks_stream = await tasks_stream_of(conn)
         total = int(await conn.fetchval("SELECT count(*) FROM event_log"))
         await conn.execute("DELETE FROM tasks")
         await conn.execute("DELETE FROM plugins")
+        await conn.execute("DELETE FROM endpoints")
         fold = await fold_event_log(
             conn,
             tasks_stream=tasks_stream,
@@ -96,6 +101,7 @@ async def rebuild_read_models(
         )
         plugins = int(await conn.fetchval("SELECT count(*) FROM plugins"))
         tasks = int(await conn.fetchval("SELECT count(*) FROM tasks"))
+        endpoints = int(await conn.fetchval("SELECT count(*) FROM endpoints"))
     return RebuildResult(
         events=fold.events,
         skipped=fold.skipped,
@@ -103,6 +109,7 @@ async def rebuild_read_models(
         plugins=plugins,
         tasks=tasks,
         duration_s=time.monotonic() - started,
+        endpoints=endpoints,
     )
 
 
@@ -133,10 +140,12 @@ class Diff:
     tasks_differing: int
     events: int
     head_position: int
+    endpoints: tuple[DiffEntry, ...] = ()
+    endpoints_differing: int = 0
 
     @property
     def ok(self) -> bool:
-        return self.plugins_differing == 0 and self.tasks_differing == 0
+        return not (self.plugins_differing or self.tasks_differing or self.endpoints_differing)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -145,8 +154,10 @@ class Diff:
             "head_position": self.head_position,
             "plugins_differing": self.plugins_differing,
             "tasks_differing": self.tasks_differing,
+            "endpoints_differing": self.endpoints_differing,
             "plugins": [e.to_dict() for e in self.plugins],
             "tasks": [e.to_dict() for e in self.tasks],
+            "endpoints": [e.to_dict() for e in self.endpoints],
             "ignored_columns": {t: sorted(c) for t, c in IGNORED_COLUMNS.items() if c},
         }
 
@@ -175,6 +186,8 @@ async def read_models_equal_rebuild(
         tasks_differing=found["tasks"][1],
         events=fold.events,
         head_position=fold.position,
+        endpoints=tuple(found["endpoints"][0]),
+        endpoints_differing=found["endpoints"][1],
     )
 
 

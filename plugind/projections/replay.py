@@ -45,7 +45,7 @@ from plugind.projections.read_models import apply_event, apply_events
 
 log = logging.getLogger(__name__)
 
-READ_MODEL_TABLES: Final = ("plugins", "tasks")
+READ_MODEL_TABLES: Final = ("plugins", "tasks", "endpoints")
 
 Progress = Callable[[int, int], None]
 """Called as ``progress(done, total)`` with event-log rows folded so far and rows to fold."""

@@ -30,6 +30,7 @@ import anyio
 
 from plugind.errors import PlugindError, TimedOut
 from plugind.runtime._slots import Group, Slot
+from plugind.runtime.backwards import Backwards
 from plugind.runtime.memory import MemoryWatchdog, memory_limit
 from plugind.runtime.process import ChunkCallback, PluginProcess, PluginRequest
 
@@ -128,6 +129,7 @@ class PluginPool:
         *,
         timeout: float,
         on_chunk: ChunkCallback | None = None,
+        backwards: Backwards | None = None,
     ) -> list[Any]:
         """Run ``request`` on a process of ``identifier``, starting one if needed.
 
@@ -143,6 +145,7 @@ class PluginPool:
             timeout=max(deadline - time.monotonic(), 0.001),
             on_chunk=on_chunk,
             max_result_size=self.max_result_size,
+            backwards=backwards,
         )
 
     async def stop(self, identifier: str) -> None:

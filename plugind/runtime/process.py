@@ -31,9 +31,11 @@ import anyio.lowlevel
 
 from plugind.errors import PlugindError, TimedOut
 from plugind.runtime import protocol
+from plugind.runtime._calls import serve_call
 from plugind.runtime._env import plugin_env
 from plugind.runtime._reader import OutputReader, describe_exit, signal_group, warn_if_pid1
 from plugind.runtime._sessions import SessionTable
+from plugind.runtime.backwards import Backwards
 from plugind.runtime.protocol import PluginRequest
 
 __all__ = ["ChunkCallback", "PluginProcess", "PluginRequest"]
@@ -233,8 +235,13 @@ class PluginProcess:
         timeout: float,
         on_chunk: ChunkCallback | None = None,
         max_result_size: int,
+        backwards: Backwards | None = None,
     ) -> list[Any]:
         """Run one session; the ``stream`` chunks in order once the plugin sends ``end``.
+
+        The plugin's calls back into Dify go to ``backwards``, each in a task of its own, so a
+        streamed answer flows while the session's other replies are read; without it they are
+        refused at once. Calls still running when the session ends are cancelled.
 
         Raises ``plugin_error`` (the plugin raised), ``plugin_crashed`` (the process died or
         was stopped), ``timeout`` (the session is abandoned; the process keeps running) or
@@ -246,20 +253,43 @@ class PluginProcess:
         line = protocol.encode_request(session_id, request)
         receive = self._sessions.open(session_id, max_result_size)
         chunks: list[Any] = []
+        failure: Exception | None = None
+        ended = False
         try:
             with receive, anyio.move_on_after(timeout) as scope:
-                await self._write(line)
-                async for kind, value in receive:
-                    if kind == "chunk":
-                        chunks.append(value)
-                        if on_chunk is not None:
-                            await on_chunk(value)
-                    elif kind == "end":
-                        return chunks
-                    elif kind == "error":
-                        raise value
-                    elif kind == "invoke":
-                        await self._refuse_backwards(session_id, value)
+                # The calls' tasks never raise; the loop's errors are kept, not raised in the
+                # group, so they leave it as they are rather than wrapped in an ExceptionGroup.
+                async with anyio.create_task_group() as calls:
+                    try:
+                        await self._write(line)
+                        async for kind, value in receive:
+                            if kind == "chunk":
+                                chunks.append(value)
+                                if on_chunk is not None:
+                                    await on_chunk(value)
+                            elif kind == "end":
+                                ended = True
+                                break
+                            elif kind == "error":
+                                failure = value
+                                break
+                            elif kind == "invoke":
+                                calls.start_soon(
+                                    serve_call,
+                                    self._write,
+                                    self.identifier,
+                                    session_id,
+                                    request,
+                                    value,
+                                    backwards,
+                                )
+                    except Exception as exc:
+                        failure = exc
+                    calls.cancel_scope.cancel()  # the plugin no longer waits for them
+            if failure is not None:
+                raise failure
+            if ended:
+                return chunks
             if scope.cancelled_caught:
                 raise TimedOut(
                     f"{self.identifier} did not finish {request.access}/{request.action} "
@@ -268,22 +298,6 @@ class PluginProcess:
             raise PlugindError("plugin_crashed", f"{self.identifier} dropped the session")
         finally:
             self._sessions.close(session_id)
-
-    async def _refuse_backwards(self, session_id: str, data: Any) -> None:
-        detail = data if isinstance(data, dict) else {}
-        what = detail.get("type", "?")
-        log.warning(
-            "Plugin %s asked Dify for %s (a backwards invocation); plugind does not relay those",
-            self.identifier,
-            what,
-        )
-        await self._write(
-            protocol.encode_backwards_error(
-                session_id,
-                str(detail.get("backwards_request_id", "")),
-                f"plugind cannot relay backwards invocations ({what}) to Dify",
-            )
-        )
 
     async def _write(self, line: bytes) -> None:
         assert self._popen is not None and self._popen.stdin is not None

@@ -65,6 +65,38 @@ def encode_request(session_id: str, request: PluginRequest) -> bytes:
         ) from None
 
 
+def encode_backwards(
+    session_id: str,
+    backwards_request_id: str,
+    event: str,
+    *,
+    message: str = "",
+    data: Any = None,
+    request: PluginRequest | None = None,
+) -> bytes:
+    """One answer to a plugin's backwards invocation: ``response``, ``error`` or ``end``.
+
+    The session's context fields are repeated from its ``request``, as upstream does; the SDK
+    matches the answer on ``backwards_request_id`` alone.
+    """
+    line = {
+        "session_id": session_id,
+        "conversation_id": request.conversation_id if request else None,
+        "message_id": request.message_id if request else None,
+        "app_id": request.app_id if request else None,
+        "endpoint_id": request.endpoint_id if request else None,
+        "context": request.context if request else None,
+        "event": "backwards_response",
+        "data": {
+            "backwards_request_id": backwards_request_id,
+            "event": event,
+            "message": message,
+            "data": data,
+        },
+    }
+    return orjson.dumps(line) + b"\n"
+
+
 def encode_backwards_error(session_id: str, backwards_request_id: str, message: str) -> bytes:
     """The answer refusing a plugin's backwards invocation (a call into Dify we cannot make)."""
     line = {
