@@ -37,9 +37,9 @@ from plugind.bus.consumer import StreamConsumer
 from plugind.bus.emit import Emitter
 from plugind.bus.groups import ensure_group
 from plugind.bus.keys import WORKERS_GROUP, Keys
-from plugind.bus.nodes import REPORT_INTERVAL_S, run_reports
+from plugind.bus.nodes import REPORT_INTERVAL_S, claim_node_name, run_reports
 from plugind.bus.retention import run_retention
-from plugind.config import Settings, mask_url
+from plugind.config import Settings, check_settings, mask_url
 from plugind.errors import ConfigError
 from plugind.handlers.context import HandlerContext
 from plugind.handlers.dispatch import Dispatcher
@@ -106,6 +106,7 @@ class Daemon:
         for role in self.roles:
             if role not in ALL_ROLES:
                 raise ConfigError(f"--role: unknown role {role!r} (roles: {', '.join(ALL_ROLES)})")
+        check_settings(settings)
         async with contextlib.AsyncExitStack() as stack:
             redis_url, database_url = await self._service_urls(stack)
             self.redis = await _connect_redis(redis_url, settings.connect_timeout)
@@ -170,6 +171,7 @@ class Daemon:
         assert self.redis is not None and self.db is not None and self.plugins is not None
         servers: list[_Server] = []
         if "worker" in self.roles:
+            await claim_node_name(self.redis, keys, settings.node, interval=self.report_interval_s)
             context = self._handler_context()
             self.emitter = context.emitter
             restored = await context.registry.restore_if_lost()
@@ -192,11 +194,8 @@ class Daemon:
                 )
             )
             dispatcher = Dispatcher(context)
-            limits = {
-                keys.install: (settings.install_concurrency, settings.install_timeout),
-                keys.tasks: (settings.worker_count, settings.task_timeout),
-            }
-            for stream, (concurrency, timeout) in limits.items():
+            limits = {keys.install: settings.install_concurrency, keys.tasks: settings.worker_count}
+            for stream, concurrency in limits.items():
                 consumer = StreamConsumer(
                     self.redis,
                     stream=stream,
@@ -204,7 +203,8 @@ class Daemon:
                     consumer=settings.node,
                     handler=dispatcher,
                     concurrency=concurrency,
-                    reclaim_idle_s=timeout + settings.reclaim_grace,
+                    takeover_after_s=settings.takeover_after,
+                    keepalive_s=settings.keepalive_interval,
                     max_deliveries=settings.max_deliveries,
                     on_dead=dispatcher.dead_letter,
                     outage=self.outages.redis,
