@@ -53,6 +53,7 @@ class Settings:
     max_result_size: int = 16 * 1024 * 1024
     plugin_instances: int = 1
     plugin_memory_limit: int | None = None
+    plugin_heartbeat_timeout: float = 120.0  # as Dify's daemon
     namespace: str = "plugind"
     max_deliveries: int = 5
     dedupe_ttl: int = 24 * 3600
@@ -212,6 +213,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         lambda n, r: _int(n, r, low=16 * 1024 * 1024, high=2**40),
     )
     take("PLUGIN_INSTANCES", "plugin_instances", lambda n, r: _int(n, r, low=1, high=64))
+    take(
+        "PLUGIN_HEARTBEAT_TIMEOUT",
+        "plugin_heartbeat_timeout",
+        lambda n, r: _float(n, r, low=10, high=86_400),
+    )
     take("PLUGIND_NAMESPACE", "namespace", _namespace)
     take("PLUGIND_MAX_DELIVERIES", "max_deliveries", lambda n, r: _int(n, r, low=1, high=1000))
     take("PLUGIND_DEDUPE_TTL", "dedupe_ttl", lambda n, r: _int(n, r, low=60, high=90 * 86_400))

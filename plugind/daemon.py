@@ -43,6 +43,7 @@ from plugind.config import Settings, check_settings, mask_url
 from plugind.errors import ConfigError
 from plugind.handlers.context import HandlerContext
 from plugind.handlers.dispatch import Dispatcher
+from plugind.installed.lifecycle import RECONCILE_EVERY_S, Lifecycle
 from plugind.installed.local_plugins import LocalPlugins
 from plugind.installed.registry import Registry
 from plugind.messages import EventFactory
@@ -91,8 +92,11 @@ class Daemon:
     consumers: list[StreamConsumer] = field(default_factory=list)
     plugins: PluginPool | None = None
     emitter: Emitter | None = None  # the workers' (tests reach its pipeline's fault hook)
+    lifecycle: Lifecycle | None = None  # the workers' follower of installs and uninstalls
+    reconcile_interval_s: float = RECONCILE_EVERY_S
     outages: Outages = field(default_factory=Outages)
     _stop: anyio.Event = field(default_factory=anyio.Event)
+    _stopped: bool = False
 
     @property
     def keys(self) -> Keys:
@@ -100,6 +104,11 @@ class Daemon:
 
     def stop(self) -> None:
         self._stop.set()
+
+    @property
+    def stopped(self) -> bool:
+        """Whether :meth:`run` has finished (every role stopped, connections closed)."""
+        return self._stopped
 
     async def run(self, *, task_status: TaskStatus[Daemon] = anyio.TASK_STATUS_IGNORED) -> None:
         settings = self.settings
@@ -123,6 +132,7 @@ class Daemon:
                 instances=settings.plugin_instances,
                 memory_limit=settings.plugin_memory_limit,
                 max_result_size=settings.max_result_size,
+                heartbeat_timeout=settings.plugin_heartbeat_timeout,
             )
             stack.push_async_callback(_shielded, self.plugins.aclose)
             async with anyio.create_task_group() as tg:
@@ -148,6 +158,7 @@ class Daemon:
                     for server in servers:
                         await server.finished.wait()
                 tg.cancel_scope.cancel()
+        self._stopped = True
         log.info("Plugin daemon stopped")
 
     async def _service_urls(self, stack: contextlib.AsyncExitStack) -> tuple[str, str]:
@@ -182,6 +193,17 @@ class Daemon:
                     restored,
                 )
             await tg.start(context.emitter.pipeline.run)
+            self.lifecycle = Lifecycle(
+                self.redis,
+                keys,
+                context.local,
+                self.plugins,
+                node=settings.node,
+                drain_timeout=settings.task_timeout + 5,
+                reconcile_every=self.reconcile_interval_s,
+                outage=self.outages.redis,
+            )
+            await tg.start(self.lifecycle.run)
             tg.start_soon(
                 partial(
                     run_reports,

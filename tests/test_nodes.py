@@ -4,10 +4,13 @@
   takes its work over once the node has been silent for ``PLUGIND_TAKEOVER_AFTER`` (30 s), and
   every request ends exactly once;
 - a slow task on a live node is never taken over, however short the takeover period;
+- tasks spread over the nodes; an upgrade and an uninstall reach every node's processes and
+  folders (in-flight requests of the old version finish on it); the projector fails over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,14 +25,16 @@ from typing import Any
 import anyio
 import pytest
 import redis.asyncio as aioredis
-from plugin_factory import is_running, package_bytes, write_plugin
+from e2e import eventually
+from plugin_factory import ECHO, SLEEP, is_running, package_bytes, write_plugin
 
 from plugind.bus.keys import WORKERS_GROUP, Keys
 from plugind.bus.nodes import read_reports
 from plugind.client import Client
 from plugind.config import Settings
-from plugind.daemon import running_daemon
-from plugind.messages import Installed, TaskStarted, TaskSucceeded, is_terminal
+from plugind.daemon import Daemon, running_daemon
+from plugind.messages import Installed, TaskStarted, TaskSucceeded, Uninstalled, is_terminal
+from plugind.package.difypkg import install_dir
 
 pytestmark = pytest.mark.anyio
 
@@ -202,3 +207,142 @@ async def test_a_slow_task_on_a_live_node_is_never_taken_over(
             assert b.consumers and not any(c.taken_over for c in b.consumers)
     started = await _started(redis, a.keys)
     assert [(e.node, e.attempt) for e in started] == [("node-a", 1)]
+
+
+# ------------------------------------------------------------------ life cycle on every node
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    tmp = tmp_path_factory.mktemp("spread")
+    tools = {"echo": ECHO, "sleep": SLEEP}
+    return {
+        v: package_bytes(write_plugin(tmp / v, name="spread", version=v, tools=tools))
+        for v in ("0.1.0", "0.2.0")
+    }
+
+
+def _running(daemon: Daemon) -> set[str]:
+    """The plugin versions with a live process on ``daemon``'s node."""
+    assert daemon.plugins is not None
+    return {
+        p.identifier for p in daemon.plugins.snapshot().plugins if any(s.alive for s in p.processes)
+    }
+
+
+async def _until(check: Any, timeout: float = 30) -> None:
+    with anyio.fail_after(timeout):
+        while not check():
+            await anyio.sleep(0.05)
+
+
+async def test_what_one_node_is_told_every_node_does(
+    settings: Settings,
+    redis: aioredis.Redis,
+    versions: dict[str, bytes],
+    tmp_path: Path,
+    database_url: str,
+) -> None:
+    names = ("node-a", "node-b", "node-c")
+    roles = {"node-a": ("worker", "projector"), "node-b": ("worker", "projector")}
+    async with contextlib.AsyncExitStack() as stack:
+        nodes: dict[str, Daemon] = {}
+        for name in names:  # node-a first: its projector is the active one
+            daemon = running_daemon(
+                _node(settings, tmp_path, name), roles.get(name, ("worker",)), shutdown_grace_s=5
+            )
+            nodes[name] = await stack.enter_async_context(daemon)
+        keys = nodes["node-a"].keys
+        client = Client(redis, keys)
+        v1 = await client.wait(await client.install(versions["0.1.0"]), timeout=300)
+        assert isinstance(v1, Installed), v1
+
+        # tasks spread over the nodes; each builds the plugin from the package store
+        rids = await client.send_many([_task(f"e{i}", "echo", r=i) for i in range(60)])
+        for rid in rids:
+            assert isinstance(await client.wait(rid, 120), TaskSucceeded)
+        ran_on = Counter(e.node for e in await _started(redis, keys))
+        assert set(ran_on) == set(names), ran_on
+        for name in names:
+            assert install_dir(tmp_path / name, v1.identifier).is_dir()
+            assert _running(nodes[name]) == {v1.identifier}
+
+        # an upgrade while a request of the old version runs: that request finishes on the old
+        # version, then every node runs the new one only, and the old folder is gone everywhere
+        slow = await client.send(_task("slow", "sleep", seconds=3.0))
+        await _until(lambda: any(_in_flight(d) for d in nodes.values()))
+        v2 = await client.wait(await client.install(versions["0.2.0"]), timeout=300)
+        assert isinstance(v2, Installed) and v2.upgraded_from == v1.identifier
+        assert isinstance(await client.wait(slow, 30), TaskSucceeded)
+        await _until(lambda: all(_running(d) == {v2.identifier} for d in nodes.values()))
+        for name in names:
+            old = install_dir(tmp_path / name, v1.identifier)
+            await _until(lambda: not old.exists())  # noqa: B023 (awaited at once)
+            assert install_dir(tmp_path / name, v2.identifier).is_dir()
+
+        # the projector fails over to node-b when node-a stops
+        nodes["node-a"].stop()
+        await _until(lambda: nodes["node-a"].stopped)
+        after = await client.wait(await client.send(_task("after", "echo", r=0)), 60)
+        assert isinstance(after, TaskSucceeded), after
+        await eventually(
+            database_url, "SELECT status FROM tasks WHERE request_id = 'after'", expect="succeeded"
+        )
+
+        # an uninstall stops the processes and removes the folders of every node left
+        gone = await client.wait(await client.uninstall("acme/spread"), timeout=60)
+        assert isinstance(gone, Uninstalled), gone
+        await _until(lambda: not any(_running(nodes[n]) for n in ("node-b", "node-c")))
+        for name in ("node-b", "node-c"):
+            folder = install_dir(tmp_path / name, v2.identifier)
+            await _until(lambda: not folder.exists())  # noqa: B023 (awaited at once)
+
+
+def _in_flight(daemon: Daemon) -> int:
+    assert daemon.plugins is not None
+    return daemon.plugins.snapshot().in_flight
+
+
+def _task(rid: str, tool: str, **parameters: Any) -> Any:
+    from plugind.messages import TaskCommand
+
+    return TaskCommand(
+        request_id=rid,
+        plugin_id="acme/spread",
+        access="tool",
+        action="invoke_tool",
+        payload={
+            "provider": "spread",
+            "tool": tool,
+            "tool_parameters": parameters,
+            "credentials": {},
+        },
+    )
+
+
+# ------------------------------------------------------------------ folders on a shared disk
+
+
+def test_a_folder_goes_only_when_no_live_node_claims_it(tmp_path: Path) -> None:
+    """Nodes sharing a disk, or namespaces sharing a PLUGIN_DIR, never delete each other's."""
+    from plugind.installed.local_plugins import LocalPlugins, claims_dir
+
+    identifier = "acme/calc:0.1.0@" + "0" * 64
+    folder = install_dir(tmp_path, identifier)
+
+    def local(namespace: str, node: str) -> LocalPlugins:
+        settings = Settings(plugin_dir=tmp_path, namespace=namespace, node=node)
+        return LocalPlugins(settings, db=None)  # type: ignore[arg-type]
+
+    a, b, other_ns = local("ns", "a"), local("ns", "b/1"), local("other", "a")
+    dead = local("ns", "dead")
+    for each in (a, b, other_ns, dead):
+        each._write_claim(identifier, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    assert set(a.claimed()) == {identifier} and set(other_ns.claimed()) == {identifier}
+    live = {a.claim, b.claim}
+    assert not a._release(folder, live) and folder.is_dir()  # b (live) still claims it
+    assert not b._release(folder, live) and folder.is_dir()  # another namespace does
+    assert sorted(p.name for p in claims_dir(folder).iterdir()) == ["other@a"]  # dead: dropped
+    assert other_ns._release(folder, {other_ns.claim})
+    assert not folder.exists() and not claims_dir(folder).exists()

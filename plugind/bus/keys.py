@@ -64,6 +64,12 @@ class Keys:
         return f"{self.tag}:node:{node}"
 
     @property
+    def lifecycle(self) -> str:
+        """Pub/sub channel: a node that changed the registry announces the versions installed and
+        possibly unused, so that every node starts or retires them (``installed.lifecycle``)."""
+        return f"{self.tag}:lifecycle"
+
+    @property
     def command_streams(self) -> tuple[str, str]:
         return (self.install, self.tasks)
 

@@ -87,13 +87,13 @@ async def _install(
     await progress("store", f"storing {package.identifier} ({package.sha256[:12]})")
     with needs_postgres("storing the package", ctx.outages.postgres):
         await store_package(ctx.db, package)
-    local = await ctx.local.ensure(package.identifier, package=package, progress=progress)
-    await progress("launch", f"starting {package.identifier}")
-    try:
-        await ctx.plugins.start(local.identifier, local.workdir, local.python, local.entrypoint)
-    except PlugindError:
-        ctx.local.forget(package.identifier)
-        raise
+    async with ctx.local.use(package.identifier, package=package, progress=progress) as local:
+        await progress("launch", f"starting {package.identifier}")
+        try:
+            await ctx.plugins.start(local.identifier, local.workdir, local.python, local.entrypoint)
+        except PlugindError:
+            ctx.local.forget(package.identifier)
+            raise
 
 
 async def _fetch(ctx: HandlerContext, ref: PackageRef) -> bytes:

@@ -34,16 +34,16 @@ async def handle_task(ctx: HandlerContext, delivery: Delivery, cmd: TaskCommand)
                 attempt=delivery.deliveries,
             )
         )
-        local = await ctx.local.ensure(identifier)
-        outcome = await ctx.plugins.invoke(
-            identifier,
-            local.workdir,
-            local.python,
-            local.entrypoint,
-            plugin_request(cmd),
-            timeout=timeout,
-            on_chunk=_chunk_publisher(ctx, cmd.request_id) if cmd.stream else None,
-        )
+        async with ctx.local.use(identifier) as local:  # a retirement waits for it
+            outcome = await ctx.plugins.invoke(
+                identifier,
+                local.workdir,
+                local.python,
+                local.entrypoint,
+                plugin_request(cmd),
+                timeout=timeout,
+                on_chunk=_chunk_publisher(ctx, cmd.request_id) if cmd.stream else None,
+            )
     except PlugindError as exc:
         outcome = exc
     ended = task_ended(
