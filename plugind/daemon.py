@@ -37,16 +37,19 @@ from plugind.bus.consumer import StreamConsumer
 from plugind.bus.emit import Emitter
 from plugind.bus.groups import ensure_group
 from plugind.bus.keys import WORKERS_GROUP, Keys
+from plugind.bus.metrics_share import run_metrics_share
 from plugind.bus.nodes import REPORT_INTERVAL_S, claim_node_name, run_reports
 from plugind.bus.retention import run_retention
 from plugind.config import Settings, check_settings, mask_url
 from plugind.errors import ConfigError
 from plugind.handlers.context import HandlerContext
 from plugind.handlers.dispatch import Dispatcher
+from plugind.http.middleware import HttpMetrics
 from plugind.installed.lifecycle import RECONCILE_EVERY_S, Lifecycle
 from plugind.installed.local_plugins import LocalPlugins
 from plugind.installed.registry import Registry
 from plugind.messages import EventFactory
+from plugind.metrics import NodeMetrics
 from plugind.outage import Outages, is_postgres_outage, is_redis_outage
 from plugind.package.signature import load_public_keys
 from plugind.projections._db import create_pool, quote_ident
@@ -93,6 +96,7 @@ class Daemon:
     plugins: PluginPool | None = None
     emitter: Emitter | None = None  # the workers' (tests reach its pipeline's fault hook)
     lifecycle: Lifecycle | None = None  # the workers' follower of installs and uninstalls
+    metrics: NodeMetrics = field(default_factory=NodeMetrics)
     reconcile_interval_s: float = RECONCILE_EVERY_S
     outages: Outages = field(default_factory=Outages)
     _stop: anyio.Event = field(default_factory=anyio.Event)
@@ -135,10 +139,28 @@ class Daemon:
                 heartbeat_timeout=settings.plugin_heartbeat_timeout,
             )
             stack.push_async_callback(_shielded, self.plugins.aclose)
+            self.metrics.watch(
+                pool=self.plugins.snapshot if "worker" in self.roles else None,
+                consumers=lambda: self.consumers,
+                outages=self.outages,
+            )
+            counter = self.metrics.log_handler()
+            logging.getLogger().addHandler(counter)
+            stack.callback(logging.getLogger().removeHandler, counter)
             async with anyio.create_task_group() as tg:
                 if self.handle_signals:
                     tg.start_soon(self._watch_signals)
                 tg.start_soon(self._watch_dependencies)
+                tg.start_soon(
+                    partial(
+                        run_metrics_share,
+                        self.redis,
+                        self.keys,
+                        node=settings.node,
+                        registry=self.metrics.registry,
+                        interval=self.report_interval_s,
+                    )
+                )
                 servers = await self._start_roles(tg)
                 self._log_started()
                 task_status.started(self)
@@ -237,7 +259,7 @@ class Daemon:
             for stream in keys.command_streams:
                 await ensure_group(self.redis, stream, WORKERS_GROUP)
         if "projector" in self.roles:
-            projector = Projector(self.redis, self.db, keys, settings.node)
+            projector = Projector(self.redis, self.db, keys, settings.node, metrics=self.metrics)
             tg.start_soon(projector.run)
             tg.start_soon(
                 partial(
@@ -262,6 +284,8 @@ class Daemon:
                 plugin_pool=self.plugins if "worker" in self.roles else None,
                 api_key=settings.api_key,
                 extra_routes=self._dify_routes(),
+                metrics=self.metrics,
+                node=settings.node,
             )
             servers.append(await self._serve(tg, "api", app, settings.http_port))
             if not settings.api_key:
@@ -327,11 +351,12 @@ class Daemon:
             plugins=self.plugins,
             signature_keys=signature_keys,
             outages=outages,
+            metrics=self.metrics,
         )
 
     async def _serve(self, tg: TaskGroup, role: str, app: ASGIApp, port: int) -> _Server:
         config = uvicorn.Config(
-            app,
+            HttpMetrics(app, self.metrics, server=role),
             host=self.settings.http_host,
             port=port,
             log_level="warning",
@@ -375,14 +400,17 @@ class Daemon:
         """
         assert self.redis is not None and self.db is not None
         redis, db, outages = self.redis, self.db, self.outages
+        checks = self.metrics.health_checks
         while True:
-            await _probe(redis.ping, outages.redis.ok, outages.redis.failed, is_redis_outage)
-            await _probe(
+            ok = await _probe(redis.ping, outages.redis.ok, outages.redis.failed, is_redis_outage)
+            checks.labels("redis", "ok" if ok else "failed").inc()
+            ok = await _probe(
                 lambda: db.fetchval("SELECT 1", timeout=WATCH_INTERVAL_S),
                 outages.postgres.ok,
                 outages.postgres.failed,
                 is_postgres_outage,
             )
+            checks.labels("postgres", "ok" if ok else "failed").inc()
             await anyio.sleep(WATCH_INTERVAL_S)
 
     async def _watch_signals(self) -> None:
@@ -405,20 +433,23 @@ async def _probe(
     ok: Callable[[], None],
     failed: Callable[[BaseException], None],
     is_outage: Callable[[BaseException], bool],
-) -> None:
-    """One bounded check of a dependency, reported to its tracker (``ok`` or ``failed``)."""
+) -> bool:
+    """One bounded check of a dependency, reported to its tracker (``ok`` or ``failed``);
+    returns whether it answered."""
     try:
         with anyio.fail_after(WATCH_INTERVAL_S):
             await check()
     except TimeoutError:
         failed(TimeoutError(f"no answer within {WATCH_INTERVAL_S:g}s"))
+        return False
     except Exception as exc:
         if is_outage(exc):
             failed(exc)
         else:
             log.warning("Dependency check failed: %r", exc)
-    else:
-        ok()
+        return False
+    ok()
+    return True
 
 
 async def _shielded(close: Any) -> None:

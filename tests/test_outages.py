@@ -482,7 +482,10 @@ async def test_redis_restarts_lose_nothing_and_end_every_task_at_once(
         assert not _lines(caplog, "left pending")
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{daemon.ports['api']}") as h:
             metrics = (await h.get("/metrics")).text
-        assert 'plugind_dependency_outages_total{dependency="redis"} 2.0' in metrics
+        node = daemon.settings.node  # every series of a node is labelled with it
+        assert (
+            f'plugind_dependency_outages_total{{dependency="redis",node="{node}"}} 2.0' in metrics
+        )
 
 
 # --------------------------------------------------------------------------- Postgres outage
@@ -549,7 +552,11 @@ async def test_tasks_keep_running_while_postgres_is_down(
         await traffic.redis.aclose()
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{daemon.ports['api']}") as h:
             metrics = (await h.get("/metrics")).text
-        assert 'plugind_dependency_outages_total{dependency="postgres"} 1.0' in metrics
+        node = daemon.settings.node
+        assert (
+            f'plugind_dependency_outages_total{{dependency="postgres",node="{node}"}} 1.0'
+            in metrics
+        )
 
     assert len(_lines(caplog, "Postgres unreachable")) == 1, _lines(caplog, "Postgres unreach")
     assert len(_lines(caplog, "Postgres reachable again")) == 1

@@ -13,6 +13,7 @@ from plugind.config import Settings
 from plugind.installed.local_plugins import LocalPlugins
 from plugind.installed.registry import Registry
 from plugind.messages import EventFactory
+from plugind.metrics import NodeMetrics
 from plugind.outage import Outages
 from plugind.runtime.pool import PluginPool
 
@@ -30,3 +31,4 @@ class HandlerContext:
     plugins: PluginPool
     signature_keys: tuple[bytes, ...] = ()  # PEM public keys; checked when verify_signature is on
     outages: Outages = field(default_factory=Outages)  # the daemon's, shared by its roles
+    metrics: NodeMetrics = field(default_factory=NodeMetrics)  # the daemon's

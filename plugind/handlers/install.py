@@ -57,12 +57,14 @@ async def handle_install(ctx: HandlerContext, delivery: Delivery, cmd: InstallCo
             install_timeout=ctx.settings.install_timeout,
             duration_ms=ms_since(started),
         )
-        await finish(ctx, delivery, failed, log)
+        if await finish(ctx, delivery, failed, log):
+            ctx.metrics.install_ended(failed.event)
         return
     assert package is not None
     previous = await ctx.registry.installed(cmd.tenant_id, package.plugin_id)
     done = installed(ctx.events, cmd, package, previous=previous, duration_ms=ms_since(started))
-    await finish(ctx, delivery, done, log)
+    if await finish(ctx, delivery, done, log):
+        ctx.metrics.install_ended(done.event)
 
 
 async def _install(

@@ -54,7 +54,8 @@ async def handle_task(ctx: HandlerContext, delivery: Delivery, cmd: TaskCommand)
         timeout_s=timeout,
         duration_ms=ms_since(started),
     )
-    await finish(ctx, delivery, ended, log, output=cmd.stream)
+    if await finish(ctx, delivery, ended, log, output=cmd.stream):
+        ctx.metrics.task_ended(plugin_id, cmd.action, ended.event)
 
 
 def _chunk_publisher(ctx: HandlerContext, request_id: str) -> Callable[[Any], Awaitable[None]]:
