@@ -33,6 +33,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp
 
 from plugind import __version__
+from plugind.bus.cluster import SlotPin
 from plugind.bus.consumer import StreamConsumer
 from plugind.bus.emit import Emitter
 from plugind.bus.groups import ensure_group
@@ -97,6 +98,7 @@ class Daemon:
     emitter: Emitter | None = None  # the workers' (tests reach its pipeline's fault hook)
     lifecycle: Lifecycle | None = None  # the workers' follower of installs and uninstalls
     metrics: NodeMetrics = field(default_factory=NodeMetrics)
+    slot: SlotPin | None = None
     reconcile_interval_s: float = RECONCILE_EVERY_S
     outages: Outages = field(default_factory=Outages)
     _stop: anyio.Event = field(default_factory=anyio.Event)
@@ -124,6 +126,8 @@ class Daemon:
             redis_url, database_url = await self._service_urls(stack)
             self.redis = await _connect_redis(redis_url, settings.connect_timeout)
             stack.push_async_callback(self.redis.aclose)
+            self.slot = SlotPin(self.redis, self.keys)  # Redis Cluster: the namespace's master
+            await self.slot.pin()
             self.db = await _connect_postgres(
                 database_url, settings.connect_timeout, settings.db_schema
             )
@@ -401,7 +405,11 @@ class Daemon:
         assert self.redis is not None and self.db is not None
         redis, db, outages = self.redis, self.db, self.outages
         checks = self.metrics.health_checks
+        slot = self.slot
         while True:
+            if slot is not None and slot.cluster:
+                with contextlib.suppress(Exception), anyio.move_on_after(WATCH_INTERVAL_S):
+                    await slot.follow()
             ok = await _probe(redis.ping, outages.redis.ok, outages.redis.failed, is_redis_outage)
             checks.labels("redis", "ok" if ok else "failed").inc()
             ok = await _probe(
