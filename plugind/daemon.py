@@ -54,6 +54,7 @@ from plugind.metrics import NodeMetrics
 from plugind.outage import Outages, is_postgres_outage, is_redis_outage
 from plugind.package.signature import load_public_keys
 from plugind.projections._db import create_pool, quote_ident
+from plugind.projections.continuity import continue_stream
 from plugind.projections.migrate import migrate
 from plugind.projections.projector import Projector
 from plugind.runtime.pool import PluginPool
@@ -136,6 +137,7 @@ class Daemon:
                 applied = await migrate(conn, schema=settings.db_schema)
             if applied:
                 log.info("Applied database migrations: %s", ", ".join(applied))
+            await continue_stream(self.redis, self.db, self.keys)  # after a Redis loss
             self.plugins = PluginPool(
                 instances=settings.plugin_instances,
                 memory_limit=settings.plugin_memory_limit,
