@@ -146,3 +146,15 @@ async def test_a_dead_nodes_leftover_report_delays_its_name_by_its_ttl_at_most(
     started = time.monotonic()
     await claim_node_name(redis, keys, "n1", interval=0.2)
     assert time.monotonic() - started < 2.5
+
+
+async def test_consumers_of_nodes_long_gone_are_forgotten(redis: Any, keys: Keys) -> None:
+    await ensure_group(redis, keys.tasks, WORKERS_GROUP)
+    await redis.xadd(keys.tasks, {"cmd": "x"})
+    await redis.xreadgroup(WORKERS_GROUP, "holds-one", {keys.tasks: ">"}, count=1)
+    await redis.xgroup_createconsumer(keys.tasks, WORKERS_GROUP, "gone")  # a node that ended
+    consumer = _consumer(redis, keys, "live", lambda d: None, concurrency=1)
+    await anyio.sleep(0.05)
+    assert await consumer.forget_gone_consumers(idle_s=0.01) == ["gone"]
+    names = {c["name"].decode() for c in await redis.xinfo_consumers(keys.tasks, WORKERS_GROUP)}
+    assert names == {"holds-one"}  # its entry is still pending: kept for a takeover

@@ -46,6 +46,8 @@ Handler = Callable[[Delivery], Awaitable[None]]
 DEFAULT_TAKEOVER_AFTER_S = 30.0
 KEEPALIVES_PER_TAKEOVER = 6
 SCANS_PER_TAKEOVER = 12  # how often every node looks for abandoned entries
+SWEEP_EVERY_S = 600.0  # how often a node looks for consumers of nodes long gone
+GONE_AFTER_S = 3600.0
 
 
 class StreamConsumer:
@@ -78,6 +80,7 @@ class StreamConsumer:
         if self._keepalive_s * 2 > takeover_after_s:
             raise ValueError("keepalive_s must be at most half of takeover_after_s")
         self.taken_over = 0  # entries this consumer took from other consumers
+        self._next_sweep = 0.0
         self._max_deliveries = max_deliveries
         self._on_dead = on_dead
         self._in_flight: set[str] = set()
@@ -303,6 +306,28 @@ class StreamConsumer:
         self.taken_over += taken
         return taken
 
+    async def forget_gone_consumers(self, idle_s: float = GONE_AFTER_S) -> list[str]:
+        """Delete the group's consumers that hold nothing and were not heard of for ``idle_s``.
+
+        Every node that ever ran leaves its consumer name in the group (a restart under
+        ``<hostname>-<pid>`` is a new one); a live consumer reads every second or so, so one idle
+        for an hour with no pending entry is gone. A consumer deleted by mistake would only be
+        created again by its next read.
+        """
+        consumers: list[dict[Any, Any]] = await self._redis.xinfo_consumers(self.stream, self.group)
+        gone = [
+            text(c["name"])
+            for c in consumers
+            if int(c.get("pending", 0)) == 0
+            and int(c.get("idle", 0)) >= idle_s * 1000
+            and text(c["name"]) != self.consumer
+        ]
+        for name in gone:
+            await self._redis.xgroup_delconsumer(self.stream, self.group, name)
+        if gone:
+            log.info("Forgot %d consumer(s) of %s gone for an hour", len(gone), self.stream)
+        return gone
+
     async def _adopt_orphans(self, tg: anyio.abc.TaskGroup) -> None:
         """After an outage: run our own pending entries that no handler of ours is running.
 
@@ -378,6 +403,9 @@ class StreamConsumer:
                 return
             try:
                 await self.reclaim(tg)
+                if anyio.current_time() >= self._next_sweep:
+                    self._next_sweep = anyio.current_time() + SWEEP_EVERY_S
+                    await self.forget_gone_consumers()
             except Exception as exc:
                 # reclaim is a safety net that runs again in a moment: never end the consumer
                 if is_redis_outage(exc):
