@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import redis.asyncio as aioredis
 
+from plugind.bus.cluster import SlotPin
 from plugind.bus.codec import command_fields, text
 from plugind.bus.follow import START, EventFollower, event_at, events_tail
 from plugind.bus.keys import Keys
@@ -47,6 +48,7 @@ class Client:
         await self.redis.aclose()
 
     async def __aenter__(self) -> Client:
+        await SlotPin(self.redis, self.keys).pin()  # on a Redis Cluster, the namespace's master
         return self
 
     async def __aexit__(

@@ -28,6 +28,12 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARN", "WARNING", "ERROR")
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 DEFAULT_TASK_TIMEOUT = 600.0  # seconds, as Dify's PLUGIN_MAX_EXECUTION_TIMEOUT
+DEFAULT_TAKEOVER_AFTER = 30.0  # seconds of an owner's silence before its entries are taken over
+MIN_TAKEOVER_AFTER = 2.0
+MAX_TAKEOVER_AFTER = 3600.0
+#: An owner refreshes its entries this many times per takeover period, so a live node would have
+#: to miss several refreshes in a row (a stalled event loop, a hung connection) to lose one.
+KEEPALIVES_PER_TAKEOVER = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,10 +53,11 @@ class Settings:
     max_result_size: int = 16 * 1024 * 1024
     plugin_instances: int = 1
     plugin_memory_limit: int | None = None
+    plugin_heartbeat_timeout: float = 120.0  # as Dify's daemon
     namespace: str = "plugind"
     max_deliveries: int = 5
     dedupe_ttl: int = 24 * 3600
-    reclaim_grace: float = 30.0
+    takeover_after: float = DEFAULT_TAKEOVER_AFTER
     connect_timeout: float = 30.0
     stream_retention: float = 3600.0
     http_port: int = 5002
@@ -87,6 +94,30 @@ class Settings:
     @property
     def embedded(self) -> bool:
         return self.redis_url is None or self.database_url is None
+
+    @property
+    def keepalive_interval(self) -> float:
+        """How often a node refreshes the idle time of the entries it runs (derived, never set):
+        a sixth of ``takeover_after``, 5 s by default."""
+        return self.takeover_after / KEEPALIVES_PER_TAKEOVER
+
+
+def check_settings(settings: Settings) -> None:
+    """Refuse combinations that would break a guarantee; run by :func:`load_settings` and again by
+    the daemon at start (tests and embedders build :class:`Settings` directly).
+
+    Takeover is keyed on an owner's silence, not on the task timeout: an entry whose idle time
+    reaches ``takeover_after`` belongs to a dead or frozen node. The keep-alive interval is derived
+    from it (a sixth), so no setting can put the refresh after the takeover; below
+    ``MIN_TAKEOVER_AFTER`` the refresh would come every few hundred milliseconds, within the
+    scheduling jitter of a loaded machine, and a live node could lose its work.
+    """
+    if not MIN_TAKEOVER_AFTER <= settings.takeover_after <= MAX_TAKEOVER_AFTER:
+        raise ConfigError(
+            f"PLUGIND_TAKEOVER_AFTER must be between {MIN_TAKEOVER_AFTER:g} and "
+            f"{MAX_TAKEOVER_AFTER:g} seconds, got {settings.takeover_after:g}: below that a live "
+            "node's keep-alives (every sixth of it) could come late and its work be run twice"
+        )
 
 
 def _int(name: str, raw: str, *, low: int, high: int) -> int:
@@ -197,12 +228,23 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         lambda n, r: _int(n, r, low=16 * 1024 * 1024, high=2**40),
     )
     take("PLUGIN_INSTANCES", "plugin_instances", lambda n, r: _int(n, r, low=1, high=64))
+    take(
+        "PLUGIN_HEARTBEAT_TIMEOUT",
+        "plugin_heartbeat_timeout",
+        lambda n, r: _float(n, r, low=10, high=86_400),
+    )
     take("PLUGIND_NAMESPACE", "namespace", _namespace)
     take("PLUGIND_MAX_DELIVERIES", "max_deliveries", lambda n, r: _int(n, r, low=1, high=1000))
     take("PLUGIND_DEDUPE_TTL", "dedupe_ttl", lambda n, r: _int(n, r, low=60, high=90 * 86_400))
+    if env.get("PLUGIND_RECLAIM_GRACE"):
+        raise ConfigError(
+            "PLUGIND_RECLAIM_GRACE is no longer read: a dead node's work is taken over after "
+            "PLUGIND_TAKEOVER_AFTER seconds of silence (default 30), whatever "
+            "PLUGIN_TASK_TIMEOUT; remove it (and set PLUGIND_TAKEOVER_AFTER if 30 s does not suit)"
+        )
     take(
-        "PLUGIND_RECLAIM_GRACE",
-        "reclaim_grace",
+        "PLUGIND_TAKEOVER_AFTER",
+        "takeover_after",
         lambda n, r: _float(n, r, low=0, high=86_400),
     )
     take(
@@ -297,7 +339,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         )
     if "plugin_dir" not in values and "embedded_dir" in values:
         values["plugin_dir"] = Path(str(values["embedded_dir"])) / "plugins"
-    return Settings(**values)  # type: ignore[arg-type]
+    settings = Settings(**values)  # type: ignore[arg-type]
+    check_settings(settings)
+    return settings
 
 
 def _from_dify_redis(env: Mapping[str, str], values: dict[str, object]) -> None:

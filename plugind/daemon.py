@@ -34,22 +34,28 @@ from starlette.types import ASGIApp
 
 from plugind import __version__
 from plugind.backwards import InnerApi, Permissions, PluginStorage, Relay
+from plugind.bus.cluster import SlotPin
 from plugind.bus.consumer import StreamConsumer
 from plugind.bus.emit import Emitter
 from plugind.bus.groups import ensure_group
 from plugind.bus.keys import WORKERS_GROUP, Keys
-from plugind.bus.nodes import REPORT_INTERVAL_S, run_reports
+from plugind.bus.metrics_share import run_metrics_share
+from plugind.bus.nodes import REPORT_INTERVAL_S, claim_node_name, run_reports
 from plugind.bus.retention import run_retention
-from plugind.config import Settings, mask_url
+from plugind.config import Settings, check_settings, mask_url
 from plugind.errors import ConfigError
 from plugind.handlers.context import HandlerContext
 from plugind.handlers.dispatch import Dispatcher
+from plugind.http.middleware import HttpMetrics
+from plugind.installed.lifecycle import RECONCILE_EVERY_S, Lifecycle
 from plugind.installed.local_plugins import LocalPlugins
 from plugind.installed.registry import Registry
 from plugind.messages import EventFactory
+from plugind.metrics import NodeMetrics
 from plugind.outage import Outages, is_postgres_outage, is_redis_outage
 from plugind.package.signature import load_public_keys
 from plugind.projections._db import create_pool, quote_ident
+from plugind.projections.continuity import continue_stream
 from plugind.projections.migrate import migrate
 from plugind.projections.projector import Projector
 from plugind.runtime.pool import PluginPool
@@ -93,8 +99,13 @@ class Daemon:
     plugins: PluginPool | None = None
     emitter: Emitter | None = None  # the workers' (tests reach its pipeline's fault hook)
     inner_api: InnerApi | None = None  # Dify's inner API (DIFY_INNER_API_URL), if configured
+    lifecycle: Lifecycle | None = None  # the workers' follower of installs and uninstalls
+    metrics: NodeMetrics = field(default_factory=NodeMetrics)
+    slot: SlotPin | None = None
+    reconcile_interval_s: float = RECONCILE_EVERY_S
     outages: Outages = field(default_factory=Outages)
     _stop: anyio.Event = field(default_factory=anyio.Event)
+    _stopped: bool = False
 
     @property
     def keys(self) -> Keys:
@@ -103,15 +114,23 @@ class Daemon:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def stopped(self) -> bool:
+        """Whether :meth:`run` has finished (every role stopped, connections closed)."""
+        return self._stopped
+
     async def run(self, *, task_status: TaskStatus[Daemon] = anyio.TASK_STATUS_IGNORED) -> None:
         settings = self.settings
         for role in self.roles:
             if role not in ALL_ROLES:
                 raise ConfigError(f"--role: unknown role {role!r} (roles: {', '.join(ALL_ROLES)})")
+        check_settings(settings)
         async with contextlib.AsyncExitStack() as stack:
             redis_url, database_url = await self._service_urls(stack)
             self.redis = await _connect_redis(redis_url, settings.connect_timeout)
             stack.push_async_callback(self.redis.aclose)
+            self.slot = SlotPin(self.redis, self.keys)  # Redis Cluster: the namespace's master
+            await self.slot.pin()
             self.db = await _connect_postgres(
                 database_url, settings.connect_timeout, settings.db_schema
             )
@@ -124,16 +143,36 @@ class Daemon:
             if self.inner_api is not None:
                 stack.push_async_callback(self.inner_api.aclose)
                 log.info("Plugins' calls back into Dify go to %s", self.inner_api.base_url)
+            await continue_stream(self.redis, self.db, self.keys)  # after a Redis loss
             self.plugins = PluginPool(
                 instances=settings.plugin_instances,
                 memory_limit=settings.plugin_memory_limit,
                 max_result_size=settings.max_result_size,
+                heartbeat_timeout=settings.plugin_heartbeat_timeout,
             )
             stack.push_async_callback(_shielded, self.plugins.aclose)
+            self.metrics.watch(
+                pool=self.plugins.snapshot if "worker" in self.roles else None,
+                consumers=lambda: self.consumers,
+                outages=self.outages,
+            )
+            counter = self.metrics.log_handler()
+            logging.getLogger().addHandler(counter)
+            stack.callback(logging.getLogger().removeHandler, counter)
             async with anyio.create_task_group() as tg:
                 if self.handle_signals:
                     tg.start_soon(self._watch_signals)
                 tg.start_soon(self._watch_dependencies)
+                tg.start_soon(
+                    partial(
+                        run_metrics_share,
+                        self.redis,
+                        self.keys,
+                        node=settings.node,
+                        registry=self.metrics.registry,
+                        interval=self.report_interval_s,
+                    )
+                )
                 servers = await self._start_roles(tg)
                 self._log_started()
                 task_status.started(self)
@@ -153,6 +192,7 @@ class Daemon:
                     for server in servers:
                         await server.finished.wait()
                 tg.cancel_scope.cancel()
+        self._stopped = True
         log.info("Plugin daemon stopped")
 
     async def _service_urls(self, stack: contextlib.AsyncExitStack) -> tuple[str, str]:
@@ -176,6 +216,7 @@ class Daemon:
         assert self.redis is not None and self.db is not None and self.plugins is not None
         servers: list[_Server] = []
         if "worker" in self.roles:
+            await claim_node_name(self.redis, keys, settings.node, interval=self.report_interval_s)
             context = self._handler_context()
             self.emitter = context.emitter
             restored = await context.registry.restore_if_lost()
@@ -186,6 +227,17 @@ class Daemon:
                     restored,
                 )
             await tg.start(context.emitter.pipeline.run)
+            self.lifecycle = Lifecycle(
+                self.redis,
+                keys,
+                context.local,
+                self.plugins,
+                node=settings.node,
+                drain_timeout=settings.task_timeout + 5,
+                reconcile_every=self.reconcile_interval_s,
+                outage=self.outages.redis,
+            )
+            await tg.start(self.lifecycle.run)
             tg.start_soon(
                 partial(
                     run_reports,
@@ -198,11 +250,8 @@ class Daemon:
                 )
             )
             dispatcher = Dispatcher(context)
-            limits = {
-                keys.install: (settings.install_concurrency, settings.install_timeout),
-                keys.tasks: (settings.worker_count, settings.task_timeout),
-            }
-            for stream, (concurrency, timeout) in limits.items():
+            limits = {keys.install: settings.install_concurrency, keys.tasks: settings.worker_count}
+            for stream, concurrency in limits.items():
                 consumer = StreamConsumer(
                     self.redis,
                     stream=stream,
@@ -210,7 +259,8 @@ class Daemon:
                     consumer=settings.node,
                     handler=dispatcher,
                     concurrency=concurrency,
-                    reclaim_idle_s=timeout + settings.reclaim_grace,
+                    takeover_after_s=settings.takeover_after,
+                    keepalive_s=settings.keepalive_interval,
                     max_deliveries=settings.max_deliveries,
                     on_dead=dispatcher.dead_letter,
                     outage=self.outages.redis,
@@ -221,7 +271,7 @@ class Daemon:
             for stream in keys.command_streams:
                 await ensure_group(self.redis, stream, WORKERS_GROUP)
         if "projector" in self.roles:
-            projector = Projector(self.redis, self.db, keys, settings.node)
+            projector = Projector(self.redis, self.db, keys, settings.node, metrics=self.metrics)
             tg.start_soon(projector.run)
             tg.start_soon(
                 partial(
@@ -246,6 +296,8 @@ class Daemon:
                 plugin_pool=self.plugins if "worker" in self.roles else None,
                 api_key=settings.api_key,
                 extra_routes=self._dify_routes(),
+                metrics=self.metrics,
+                node=settings.node,
             )
             servers.append(await self._serve(tg, "api", app, settings.http_port))
             if not settings.api_key:
@@ -318,11 +370,12 @@ class Daemon:
                 inner_api=self.inner_api,
                 storage_max_size=settings.plugin_storage_max_size,
             ),
+            metrics=self.metrics,
         )
 
     async def _serve(self, tg: TaskGroup, role: str, app: ASGIApp, port: int) -> _Server:
         config = uvicorn.Config(
-            app,
+            HttpMetrics(app, self.metrics, server=role),
             host=self.settings.http_host,
             port=port,
             log_level="warning",
@@ -366,14 +419,21 @@ class Daemon:
         """
         assert self.redis is not None and self.db is not None
         redis, db, outages = self.redis, self.db, self.outages
+        checks = self.metrics.health_checks
+        slot = self.slot
         while True:
-            await _probe(redis.ping, outages.redis.ok, outages.redis.failed, is_redis_outage)
-            await _probe(
+            if slot is not None and slot.cluster:
+                with contextlib.suppress(Exception), anyio.move_on_after(WATCH_INTERVAL_S):
+                    await slot.follow()
+            ok = await _probe(redis.ping, outages.redis.ok, outages.redis.failed, is_redis_outage)
+            checks.labels("redis", "ok" if ok else "failed").inc()
+            ok = await _probe(
                 lambda: db.fetchval("SELECT 1", timeout=WATCH_INTERVAL_S),
                 outages.postgres.ok,
                 outages.postgres.failed,
                 is_postgres_outage,
             )
+            checks.labels("postgres", "ok" if ok else "failed").inc()
             await anyio.sleep(WATCH_INTERVAL_S)
 
     async def _watch_signals(self) -> None:
@@ -396,20 +456,23 @@ async def _probe(
     ok: Callable[[], None],
     failed: Callable[[BaseException], None],
     is_outage: Callable[[BaseException], bool],
-) -> None:
-    """One bounded check of a dependency, reported to its tracker (``ok`` or ``failed``)."""
+) -> bool:
+    """One bounded check of a dependency, reported to its tracker (``ok`` or ``failed``);
+    returns whether it answered."""
     try:
         with anyio.fail_after(WATCH_INTERVAL_S):
             await check()
     except TimeoutError:
         failed(TimeoutError(f"no answer within {WATCH_INTERVAL_S:g}s"))
+        return False
     except Exception as exc:
         if is_outage(exc):
             failed(exc)
         else:
             log.warning("Dependency check failed: %r", exc)
-    else:
-        ok()
+        return False
+    ok()
+    return True
 
 
 async def _shielded(close: Any) -> None:

@@ -22,8 +22,15 @@ from typing import Final, TypeVar
 
 import anyio
 import asyncpg
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MasterDownError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MasterDownError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from plugind.errors import PlugindError
@@ -54,7 +61,9 @@ def is_redis_outage(exc: BaseException) -> bool:
     redis-py's connection and timeout errors (it wraps socket errors in them;
     ``BusyLoadingError``, a restarting Redis loading its data, is one), and the replies of a
     Redis that cannot take writes for the moment: a replica after a failover (``READONLY``), a
-    master without its link (``MASTERDOWN``), a failed snapshot (``MISCONF``). ``NOSCRIPT`` is
+    master without its link (``MASTERDOWN``), a failed snapshot (``MISCONF``), a Redis Cluster
+    whose slot is moving or has no master (``MOVED``, ``ASK``, ``TRYAGAIN``, ``CLUSTERDOWN``;
+    the daemon re-points itself at the slot's new master, see ``bus.cluster``). ``NOSCRIPT`` is
     not here: whoever runs a script loads it again. Bare ``OSError`` is left to
     :func:`is_postgres_outage`, so code that talks to both can tell them apart.
     """
@@ -62,6 +71,8 @@ def is_redis_outage(exc: BaseException) -> bool:
         return True
     if isinstance(exc, ReadOnlyError | MasterDownError):
         return True
+    if isinstance(exc, AskError | TryAgainError | ClusterDownError):
+        return True  # Redis Cluster: the slot is moving or has no master for a moment
     return isinstance(exc, ResponseError) and str(exc).startswith("MISCONF")
 
 

@@ -87,7 +87,7 @@ async def test_entries_of_a_dead_consumer_are_reclaimed_then_dead_lettered(
         handler,
         concurrency=2,
         block_ms=50,
-        reclaim_idle_s=0.2,
+        takeover_after_s=0.2,
         max_deliveries=3,
         on_dead=on_dead,
     )

@@ -27,6 +27,7 @@ from plugind.messages import (
     TaskSucceeded,
     encode,
 )
+from plugind.metrics import NodeMetrics
 from plugind.projections.migrate import migrate
 from plugind.projections.projector import Projector
 
@@ -329,16 +330,21 @@ async def test_metrics_per_app(redis: aioredis.Redis, pool: asyncpg.Pool, keys: 
     await project(redis, pool, keys, *_task_events("r1", "acme/calc", 4.0))
     await redis.xadd(keys.events, {"event": b"{}"})  # one event not projected yet
     for _ in range(2):  # two apps in one process must not clash over a global registry
-        app = create_read_app(redis=redis, pool=pool, keys=keys, version="1", api_key=KEY)
+        metrics = NodeMetrics()  # fed by the handlers; nothing is read from Postgres
+        [*_, ended] = _task_events("r1", "acme/calc", 4.0)
+        metrics.task_ended("acme/calc", "invoke_tool", ended)
+        app = create_read_app(
+            redis=redis, pool=pool, keys=keys, version="1", api_key=KEY, metrics=metrics, node="n1"
+        )
         async with client(app) as c:
             response = await c.get("/metrics")
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/plain")
         text = response.text
-        assert 'plugind_tasks{status="succeeded"} 1.0' in text
-        assert 'plugind_tasks{status="failed"} 0.0' in text
+        labels = 'action="invoke_tool",node="n1",outcome="succeeded",plugin="acme/calc"'
+        assert f"plugind_tasks_total{{{labels}}} 1.0" in text
         assert "plugind_projector_lag 1.0" in text
-        assert "plugind_event_log_position 2.0" in text
+        assert f'plugind_stream_length{{stream="{keys.events}"}} 3.0' in text
 
 
 async def test_health_before_migrations(

@@ -96,7 +96,7 @@ async def test_work_of_a_crashed_consumer_is_retried_then_dead_lettered(
     )
     await redis.xclaim(keys.tasks, WORKERS_GROUP, "dead-node", 0, [poison_id])
 
-    fast = replace(settings, task_timeout=0.5, reclaim_grace=0.5, max_deliveries=2)
+    fast = replace(settings, task_timeout=0.5, takeover_after=2.0, max_deliveries=2)
     async with running_daemon(fast, shutdown_grace_s=5):
         retried = await client.wait("orphan", timeout=30)
         assert isinstance(retried, TaskSucceeded), retried

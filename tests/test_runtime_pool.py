@@ -240,3 +240,30 @@ async def test_stop_ends_in_flight_sessions(tester: Plugin) -> None:
         assert [e.code for e in errors] == ["plugin_crashed"]
         assert "was stopped" in errors[0].message
         assert pool.snapshot().plugins == ()
+
+
+@pytest.mark.anyio
+async def test_a_process_that_stops_sending_heartbeats_is_killed_and_replaced(
+    tester: Plugin,
+) -> None:
+    """A frozen plugin (SIGSTOP here) sends no heartbeat: killed past the timeout, replaced."""
+    import os
+    import signal
+
+    fast = {"HEARTBEAT_INTERVAL": "0.2"}  # the SDK's setting; it beats every 10 s by default
+    async with pool_of(base_env=fast, heartbeat_timeout=1.5, memory_interval=0.1) as pool:
+        await pool.start(tester.identifier, tester.workdir, tester.python, tester.entrypoint)
+        (first,) = pool.snapshot().plugins[0].processes
+        assert first.pid is not None
+        await anyio.sleep(2.0)  # heartbeats keep a healthy process alive
+        assert pool.snapshot().plugins[0].processes[0].alive
+        os.kill(first.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        with anyio.fail_after(10):  # killed, and the pool has seen it go
+            while is_running(first.pid) or pool.snapshot().plugins[0].processes[0].alive:
+                await anyio.sleep(0.05)
+        assert 1.2 < time.monotonic() - stopped < 4
+        chunks = await call(pool, tester, tool("tester", "echo", back=True))
+        assert json_of(chunks) == [{"echo": {"back": True}}]
+        (second,) = pool.snapshot().plugins[0].processes
+        assert second.alive and second.pid != first.pid

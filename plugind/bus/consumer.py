@@ -2,8 +2,11 @@
 
 A consumer reads only as many entries as it has free slots, so nothing sits claimed-but-idle in
 its pending list while other nodes have capacity. Entries it owns are kept alive (their idle time
-reset with ``XCLAIM … JUSTID``, which does not count as a delivery) so the reclaimer of another
-node never steals work that is merely slow.
+reset with ``XCLAIM … JUSTID``, which does not count as a delivery) every ``keepalive_s``, so
+an entry's idle time is how long its owner has been silent about it. Once that reaches
+``takeover_after_s`` (six keep-alives missed by default: 30 s and 5 s) the owner is dead or
+frozen, and another node takes the entry over, whatever the task's own timeout; a live node's
+entries never get there, however long they run.
 
 A Redis outage never ends a consumer: reads, keep-alives and reclaims retry with a capped backoff
 (so reading resumes within about a second of Redis's return) and report to the daemon's outage
@@ -40,7 +43,11 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Delivery], Awaitable[None]]
 
-KEEPALIVE_INTERVAL_S = 10.0
+DEFAULT_TAKEOVER_AFTER_S = 30.0
+KEEPALIVES_PER_TAKEOVER = 6
+SCANS_PER_TAKEOVER = 12  # how often every node looks for abandoned entries
+SWEEP_EVERY_S = 600.0  # how often a node looks for consumers of nodes long gone
+GONE_AFTER_S = 3600.0
 
 
 class StreamConsumer:
@@ -54,7 +61,8 @@ class StreamConsumer:
         handler: Handler,
         concurrency: int,
         block_ms: int = 1000,
-        reclaim_idle_s: float = 90.0,
+        takeover_after_s: float = DEFAULT_TAKEOVER_AFTER_S,
+        keepalive_s: float | None = None,
         max_deliveries: int = 5,
         on_dead: Handler | None = None,
         outage: Dependency | None = None,
@@ -67,7 +75,12 @@ class StreamConsumer:
         self._handler = handler
         self.concurrency = concurrency
         self._block_ms = block_ms
-        self._reclaim_idle_s = reclaim_idle_s
+        self._takeover_after_s = takeover_after_s
+        self._keepalive_s = keepalive_s or takeover_after_s / KEEPALIVES_PER_TAKEOVER
+        if self._keepalive_s * 2 > takeover_after_s:
+            raise ValueError("keepalive_s must be at most half of takeover_after_s")
+        self.taken_over = 0  # entries this consumer took from other consumers
+        self._next_sweep = 0.0
         self._max_deliveries = max_deliveries
         self._on_dead = on_dead
         self._in_flight: set[str] = set()
@@ -245,17 +258,27 @@ class StreamConsumer:
 
     async def _keepalive(self) -> None:
         while True:
-            await anyio.sleep(KEEPALIVE_INTERVAL_S)
+            await anyio.sleep(self._keepalive_s)
             ids: list[Any] = list(self._in_flight)
             if not ids:
                 continue
             try:
-                await self._redis.xclaim(
-                    self.stream, self.group, self.consumer, 0, ids, justid=True
+                # bounded: a call hung on a half-open connection must not outlast the takeover
+                # (redis-py drops the connection it cancels, so the next one starts afresh)
+                with anyio.fail_after(self._keepalive_s):
+                    await self._redis.xclaim(
+                        self.stream, self.group, self.consumer, 0, ids, justid=True
+                    )
+            except TimeoutError:
+                log.warning(
+                    "Keep-alive of %d %s entries got no answer within %.1fs; retrying",
+                    len(ids),
+                    self.stream,
+                    self._keepalive_s,
                 )
             except Exception as exc:
                 # A missed keep-alive only ages the entries a little: the next one catches up
-                # long before another node's reclaim (a few intervals) would take them.
+                # long before another node's takeover (six intervals) would take them.
                 if is_redis_outage(exc):
                     self._outage.failed(exc)
                 elif isinstance(exc, ResponseError):
@@ -275,18 +298,42 @@ class StreamConsumer:
             group=self.group,
             consumer=self.consumer,
             in_flight=self._in_flight,
-            min_idle_ms=int(self._reclaim_idle_s * 1000),
+            min_idle_ms=int(self._takeover_after_s * 1000),
             max_deliveries=self._max_deliveries,
             limit=max(self.concurrency - len(self._in_flight), 0),
         )
-        return self._take(tg, found, "Reclaimed")
+        taken = self._take(tg, found, "Took over")
+        self.taken_over += taken
+        return taken
+
+    async def forget_gone_consumers(self, idle_s: float = GONE_AFTER_S) -> list[str]:
+        """Delete the group's consumers that hold nothing and were not heard of for ``idle_s``.
+
+        Every node that ever ran leaves its consumer name in the group (a restart under
+        ``<hostname>-<pid>`` is a new one); a live consumer reads every second or so, so one idle
+        for an hour with no pending entry is gone. A consumer deleted by mistake would only be
+        created again by its next read.
+        """
+        consumers: list[dict[Any, Any]] = await self._redis.xinfo_consumers(self.stream, self.group)
+        gone = [
+            text(c["name"])
+            for c in consumers
+            if int(c.get("pending", 0)) == 0
+            and int(c.get("idle", 0)) >= idle_s * 1000
+            and text(c["name"]) != self.consumer
+        ]
+        for name in gone:
+            await self._redis.xgroup_delconsumer(self.stream, self.group, name)
+        if gone:
+            log.info("Forgot %d consumer(s) of %s gone for an hour", len(gone), self.stream)
+        return gone
 
     async def _adopt_orphans(self, tg: anyio.abc.TaskGroup) -> None:
         """After an outage: run our own pending entries that no handler of ours is running.
 
         If a read's reply was lost with the connection, Redis counts its entries as delivered to
-        us, yet nobody runs them; without this they would wait for a reclaim (task timeout plus
-        grace). Only our own entries are taken, whatever their idle time.
+        us, yet nobody runs them; without this they would wait for a takeover (their idle time
+        reaching ``takeover_after_s``). Only our own entries are taken, whatever their idle time.
         """
         try:
             found = await retry_redis(
@@ -312,9 +359,25 @@ class StreamConsumer:
         for delivery in found.run:
             if delivery.entry_id in self._in_flight:
                 continue  # the reclaim loop and an adoption both claimed it: run it once
-            log.info(
-                "%s %s %s (delivery %d)", verb, self.stream, delivery.entry_id, delivery.deliveries
-            )
+            owner, idle_ms = found.owners.get(delivery.entry_id, (self.consumer, 0))
+            if owner == self.consumer:
+                log.info(
+                    "%s %s %s (delivery %d)",
+                    verb,
+                    self.stream,
+                    delivery.entry_id,
+                    delivery.deliveries,
+                )
+            else:
+                log.warning(
+                    "%s %s %s from %s, silent for %.1fs (delivery %d)",
+                    verb,
+                    self.stream,
+                    delivery.entry_id,
+                    owner,
+                    idle_ms / 1000,
+                    delivery.deliveries,
+                )
             self.dispatch(tg, delivery)
         for delivery in found.dead:
             if self._on_dead is not None and delivery.entry_id not in self._in_flight:
@@ -333,13 +396,16 @@ class StreamConsumer:
             self._slot_freed.set()
 
     async def _reclaim_loop(self, tg: anyio.abc.TaskGroup) -> None:
-        interval = min(max(self._reclaim_idle_s / 4, 0.2), 15.0)
+        interval = max(self._takeover_after_s / SCANS_PER_TAKEOVER, 0.05)
         while not self._stopping.is_set():
             await anyio.sleep(interval)
             if self._stopping.is_set():
                 return
             try:
                 await self.reclaim(tg)
+                if anyio.current_time() >= self._next_sweep:
+                    self._next_sweep = anyio.current_time() + SWEEP_EVERY_S
+                    await self.forget_gone_consumers()
             except Exception as exc:
                 # reclaim is a safety net that runs again in a moment: never end the consumer
                 if is_redis_outage(exc):

@@ -63,6 +63,22 @@ class Keys:
         the node refreshes it, so only live nodes have one."""
         return f"{self.tag}:node:{node}"
 
+    def metrics(self, node: str) -> str:
+        """String: a node's metric registry in Prometheus text, zlib-compressed; expires unless
+        the node refreshes it (``bus.metrics_share``)."""
+        return f"{self.tag}:metrics:{node}"
+
+    @property
+    def metrics_nodes(self) -> str:
+        """Sorted set of the nodes that publish metrics (score: their last publication)."""
+        return f"{self.tag}:metrics_nodes"
+
+    @property
+    def lifecycle(self) -> str:
+        """Pub/sub channel: a node that changed the registry announces the versions installed and
+        possibly unused, so that every node starts or retires them (``installed.lifecycle``)."""
+        return f"{self.tag}:lifecycle"
+
     @property
     def command_streams(self) -> tuple[str, str]:
         return (self.install, self.tasks)

@@ -14,6 +14,10 @@ A pool lives in its daemon's memory, but ``plugind status`` runs in another proc
 
 A node that stops cleanly removes both at once. Publishing is best effort: a Redis outage
 costs a few reports and a warning, never the worker.
+
+The node name is also the worker's consumer name in the command streams, so two live nodes must
+never share one: the newcomer would run the other's pending entries as its own backlog.
+:func:`claim_node_name` refuses a name whose report is still being refreshed.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 import anyio
 import msgspec
@@ -32,6 +36,7 @@ from redis.exceptions import RedisError
 
 from plugind.bus.codec import text
 from plugind.bus.keys import Keys
+from plugind.errors import ConfigError
 from plugind.messages import now_rfc3339
 from plugind.runtime.pool import PoolSnapshot
 from plugind.runtime.pool_report import PoolReport, pool_report
@@ -76,6 +81,40 @@ async def publish(redis: aioredis.Redis, keys: Keys, report: NodeReport, *, ttl_
         pipe.zremrangebyscore(keys.nodes, "-inf", now - INDEX_KEEP_S)
         pipe.expire(keys.nodes, INDEX_KEEP_S)
         await pipe.execute()
+
+
+async def claim_node_name(
+    redis: aioredis.Redis, keys: Keys, node: str, *, interval: float = REPORT_INTERVAL_S
+) -> None:
+    """Return once no live node reports under ``node``; raise :class:`ConfigError` if one does.
+
+    A report left by a previous instance that died (a crash, SIGKILL) stops changing and expires
+    within three intervals, so a node restarted under a fixed ``PLUGIND_NODE`` waits for that at
+    most; a report that is refreshed meanwhile belongs to a live node.
+    """
+    key = keys.node(node)
+    first: Any = await redis.hget(key, "at")
+    if first is None:
+        return
+    ttl_ms: Any = await redis.pttl(key)
+    log.warning(
+        "A report of node %s is still in Redis (last at %s); waiting for it to expire in case "
+        "that node is alive",
+        node,
+        text(first),
+    )
+    with anyio.move_on_after(max(int(ttl_ms), 0) / 1000 + 1):
+        while True:
+            await anyio.sleep(min(interval / 5, 0.5))
+            now: Any = await redis.hget(key, "at")
+            if now is None:
+                return
+            if now != first:
+                raise ConfigError(
+                    f"PLUGIND_NODE={node} is the name of a live node (it reported at {text(now)}):"
+                    " give every node its own name, or each would run the other's work as its own"
+                )
+    await redis.delete(key)  # outlived its TTL without a refresh: a leftover
 
 
 async def withdraw(redis: aioredis.Redis, keys: Keys, node: str) -> None:

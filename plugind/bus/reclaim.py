@@ -1,8 +1,9 @@
-"""Finding work that a crashed consumer left behind.
+"""Finding work that a dead or frozen consumer left behind.
 
 No lock is needed: ``XCLAIM`` with a min-idle time succeeds for only one claimer, because the
-claim itself resets the idle time. Owners keep their live entries' idle time low (see
-``consumer``), so only entries of dead or wedged consumers reach ``min_idle_ms``.
+claim itself resets the idle time. Owners keep their live entries' idle time under a sixth of
+``min_idle_ms`` (see ``consumer``), so an entry's idle time is its owner's silence, and only
+entries of dead or frozen consumers (or ones a handler gave up on) reach ``min_idle_ms``.
 
 Reclaim is for dead nodes. A live node rides out a Redis outage itself (its commits wait for
 Redis, see ``bus.autopipeline``), and after one takes back its own orphans (``owner``) at once.
@@ -23,6 +24,7 @@ from plugind.bus.delivery import Delivery
 class Reclaimed:
     run: list[Delivery] = field(default_factory=list)
     dead: list[Delivery] = field(default_factory=list)
+    owners: dict[str, tuple[str, int]] = field(default_factory=dict)  # id -> (owner, idle ms)
 
 
 async def reclaim_once(
@@ -66,6 +68,7 @@ async def reclaim_once(
         if not claimed:
             continue  # someone else claimed it first
         claimed_id, fields = claimed[0]
+        out.owners[text(claimed_id)] = (text(item["consumer"]), int(item["time_since_delivered"]))
         if deliveries >= max_deliveries:
             out.dead.append(Delivery(stream, text(claimed_id), dict(fields or {}), deliveries))
         else:

@@ -13,6 +13,7 @@ from plugind.config import Settings
 from plugind.installed.local_plugins import LocalPlugins
 from plugind.installed.registry import Registry
 from plugind.messages import EventFactory
+from plugind.metrics import NodeMetrics
 from plugind.outage import Outages
 from plugind.runtime.backwards import BackwardsRelay
 from plugind.runtime.pool import PluginPool
@@ -33,3 +34,4 @@ class HandlerContext:
     outages: Outages = field(default_factory=Outages)  # the daemon's, shared by its roles
     # serves plugins' calls back into Dify (plugind.backwards); None: they are refused
     backwards: BackwardsRelay | None = None
+    metrics: NodeMetrics = field(default_factory=NodeMetrics)  # the daemon's

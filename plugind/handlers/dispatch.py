@@ -62,4 +62,5 @@ class Dispatcher:
         terminal = dead_lettered(self.ctx.events, delivery)
         event = terminal.event
         await self.ctx.emitter.dead_letter(delivery, event, error=msgspec.to_builtins(event.error))
+        self.ctx.metrics.dead_letters.labels(delivery.stream).inc()
         write(log, terminal.logs)

@@ -1,7 +1,8 @@
-"""Carry out a :class:`~plugind.handlers.decide.Terminal`: commit, log, retire.
+"""Carry out a :class:`~plugind.handlers.decide.Terminal`: commit, log, announce.
 
 Every handler ends a request the same way, so the order of these steps (the atomic commit
-first; logs and stopping a retired version only once it is ours) lives in one place.
+first; logs and announcing a registry change to every node only once it is ours) lives in one
+place.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 from plugind.bus.delivery import Delivery
 from plugind.handlers.context import HandlerContext
 from plugind.handlers.decide import LogLine, Terminal
+from plugind.installed.lifecycle import Note, announce
 
 
 async def finish(
@@ -34,8 +36,15 @@ async def finish(
         write(logger, terminal.logs)
     if committed is None:
         return False
-    if terminal.retire is not None and not await ctx.registry.in_use(terminal.retire):
-        await ctx.plugins.stop(terminal.retire)
+    if terminal.registry is not None:
+        # every node (this one included) drains, stops and removes a version no tenant has any
+        # more, and warms the new one of an upgrade: see plugind.installed.lifecycle
+        installed = terminal.registry.identifier if terminal.registry.op == "set" else None
+        await announce(
+            ctx.redis,
+            ctx.keys,
+            Note(installed=installed, retire=terminal.retire, node=ctx.settings.node),
+        )
     return True
 
 

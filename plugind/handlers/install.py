@@ -57,12 +57,14 @@ async def handle_install(ctx: HandlerContext, delivery: Delivery, cmd: InstallCo
             install_timeout=ctx.settings.install_timeout,
             duration_ms=ms_since(started),
         )
-        await finish(ctx, delivery, failed, log)
+        if await finish(ctx, delivery, failed, log):
+            ctx.metrics.install_ended(failed.event)
         return
     assert package is not None
     previous = await ctx.registry.installed(cmd.tenant_id, package.plugin_id)
     done = installed(ctx.events, cmd, package, previous=previous, duration_ms=ms_since(started))
-    await finish(ctx, delivery, done, log)
+    if await finish(ctx, delivery, done, log):
+        ctx.metrics.install_ended(done.event)
 
 
 async def _install(
@@ -87,13 +89,13 @@ async def _install(
     await progress("store", f"storing {package.identifier} ({package.sha256[:12]})")
     with needs_postgres("storing the package", ctx.outages.postgres):
         await store_package(ctx.db, package)
-    local = await ctx.local.ensure(package.identifier, package=package, progress=progress)
-    await progress("launch", f"starting {package.identifier}")
-    try:
-        await ctx.plugins.start(local.identifier, local.workdir, local.python, local.entrypoint)
-    except PlugindError:
-        ctx.local.forget(package.identifier)
-        raise
+    async with ctx.local.use(package.identifier, package=package, progress=progress) as local:
+        await progress("launch", f"starting {package.identifier}")
+        try:
+            await ctx.plugins.start(local.identifier, local.workdir, local.python, local.entrypoint)
+        except PlugindError:
+            ctx.local.forget(package.identifier)
+            raise
 
 
 async def _fetch(ctx: HandlerContext, ref: PackageRef) -> bytes:

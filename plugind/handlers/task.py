@@ -44,17 +44,17 @@ async def handle_task(ctx: HandlerContext, delivery: Delivery, cmd: TaskCommand)
                 attempt=delivery.deliveries,
             )
         )
-        local = await ctx.local.ensure(identifier)
-        outcome = await ctx.plugins.invoke(
-            identifier,
-            local.workdir,
-            local.python,
-            local.entrypoint,
-            plugin_request(cmd),
-            timeout=timeout,
-            on_chunk=_chunk_publisher(ctx, cmd.request_id) if cmd.stream else None,
-            backwards=_backwards(ctx, cmd, plugin_id=plugin_id, identifier=identifier),
-        )
+        async with ctx.local.use(identifier) as local:  # a retirement waits for it
+            outcome = await ctx.plugins.invoke(
+                identifier,
+                local.workdir,
+                local.python,
+                local.entrypoint,
+                plugin_request(cmd),
+                timeout=timeout,
+                on_chunk=_chunk_publisher(ctx, cmd.request_id) if cmd.stream else None,
+                backwards=_backwards(ctx, cmd, plugin_id=plugin_id, identifier=identifier),
+            )
     except PlugindError as exc:
         outcome = exc
     ended = task_ended(
@@ -65,7 +65,8 @@ async def handle_task(ctx: HandlerContext, delivery: Delivery, cmd: TaskCommand)
         timeout_s=timeout,
         duration_ms=ms_since(started),
     )
-    await finish(ctx, delivery, ended, log, output=cmd.stream)
+    if await finish(ctx, delivery, ended, log, output=cmd.stream):
+        ctx.metrics.task_ended(plugin_id, cmd.action, ended.event)
 
 
 def _chunk_publisher(ctx: HandlerContext, request_id: str) -> Callable[[Any], Awaitable[None]]:

@@ -33,6 +33,7 @@ from plugind.errors import BadParameterError, ErrorCode
 from plugind.http.auth import ApiKeyGuard
 from plugind.http.health import check_health
 from plugind.http.metrics import render_metrics
+from plugind.metrics import NodeMetrics
 from plugind.outage import Outages, describe, is_postgres_outage
 from plugind.projections.queries import (
     MAX_EVENTS_LIMIT,
@@ -124,11 +125,14 @@ def create_read_app(
     plugin_pool: PluginPool | None = None,
     api_key: str | None = None,
     extra_routes: Sequence[BaseRoute] = (),
+    metrics: NodeMetrics | None = None,
+    node: str | None = None,
 ) -> Starlette:
     """The read API app; it owns nothing, so closing ``redis`` and ``pool`` is the caller's job.
 
-    ``outages`` (the daemon's trackers) feeds ``/health``'s probes into the outage log and
-    ``/metrics``'s outage counters. ``plugin_pool`` is the plugin pool of this process, for
+    ``outages`` (the daemon's trackers) feeds ``/health``'s probes into the outage log.
+    ``metrics`` is this node's registry, which ``/metrics`` serves with every other node's, the
+    whole labelled by ``node``. ``plugin_pool`` is the plugin pool of this process, for
     ``/health``; ``None`` where the process runs no worker. ``api_key`` guards the tenants'
     data (without one those routes answer 401); ``extra_routes`` are mounted after the read
     routes, behind the same guard.
@@ -150,8 +154,8 @@ def create_read_app(
         # upstream's liveness path: the process answers, whatever its dependencies say
         return JSONResponse({"status": "ok", "version": version})
 
-    async def metrics(request: Request) -> Response:
-        body = await render_metrics(redis, pool, keys, outages)
+    async def prometheus(request: Request) -> Response:
+        body = await render_metrics(redis, pool, keys, metrics, node)
         return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     async def database_unavailable(request: Request, exc: Exception) -> Response:
@@ -216,7 +220,7 @@ def create_read_app(
         routes=[
             Route("/health", health),
             Route("/health/check", liveness),
-            Route("/metrics", metrics),
+            Route("/metrics", prometheus),
             Route("/api/v1/plugins/stats", stats),
             Route("/api/v1/plugins", plugins),
             Route("/api/v1/tasks/{request_id:str}", task),

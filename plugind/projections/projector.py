@@ -14,6 +14,7 @@ it starts and once when it is over, and resumes from the checkpoint as leader or
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Final
 
@@ -25,6 +26,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from plugind.bus.keys import Keys
+from plugind.metrics import NodeMetrics
 from plugind.projections._db import postgres_unreachable
 from plugind.projections._entries import LogEntry
 from plugind.projections.batch_reader import BatchReader
@@ -102,6 +104,7 @@ class Projector:
         block_ms: int = 1000,
         standby_interval: float = 2.0,
         checkpoint: str = EVENT_LOG_CHECKPOINT,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.redis = redis
         self.pool = pool
@@ -112,6 +115,7 @@ class Projector:
         self.leader = LeaderLock(pool, projector_lock_key(keys))
         self.reader = BatchReader(redis, keys, node, batch_size=batch_size, block_ms=block_ms)
         self._isolate = False
+        self._metrics = metrics
         self._outages = {name: _Outage(name) for name in (POSTGRES, REDIS)}
 
     @property
@@ -210,7 +214,11 @@ class Projector:
         # reset the connection). The bound keeps a wedged database from holding up shutdown,
         # and counts as Postgres being unreachable.
         with anyio.CancelScope(shield=True), anyio.fail_after(COMMIT_TIMEOUT_S):
+            started = time.perf_counter()
             applied = await self.commit(batch)
+            if self._metrics is not None:
+                self._metrics.projector_commit.observe(time.perf_counter() - started)
+                self._metrics.projector_events.inc(applied)
             await self.reader.ack(batch)
         return applied
 

@@ -7,10 +7,13 @@ address space of a Python process running gevent is far larger than what it uses
 on it would kill healthy plugins.
 
 One thread per pool samples every watched group each ``interval`` (a single pass over the
-process table covers them all) and SIGKILLs a group that is over its limit. The sessions in
-flight on that process then fail with ``plugin_crashed`` saying so, and the pool replaces the
-process on next use, after its usual backoff. The thread runs only while there is a process to
-watch: it starts with the first one and ends when the last has exited or the pool closes.
+process table covers them all) and SIGKILLs a group that is over its limit, or whose process has
+sent no heartbeat for ``heartbeat_timeout`` seconds once it was ready (a hung or frozen plugin;
+the SDK beats every 10 s, and Dify's daemon gives up after 120 s, as here by default). The
+sessions in flight on that process then fail with ``plugin_crashed`` saying so, and the pool
+replaces the process on next use, after its usual backoff. The thread runs only while there is
+a process to watch: it starts with the first one and ends when the last has exited or the pool
+closes.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,8 +103,9 @@ class _Watch:
 class MemoryWatchdog:
     """Samples the RSS of plugin process groups and kills those over their limit."""
 
-    def __init__(self, *, interval: float = 0.5) -> None:
+    def __init__(self, *, interval: float = 0.5, heartbeat_timeout: float | None = None) -> None:
         self.interval = interval
+        self.heartbeat_timeout = heartbeat_timeout
         self._lock = threading.Lock()
         self._watched: dict[PluginProcess, _Watch] = {}
         self._thread: threading.Thread | None = None
@@ -143,9 +148,21 @@ class MemoryWatchdog:
 
     def _sample(self, watched: list[tuple[PluginProcess, _Watch]]) -> None:
         totals = group_rss({p.pid for p, _ in watched if p.pid is not None})
+        now = time.monotonic()
         for process, watch in watched:
             rss = totals.get(process.pid or 0)
             watch.rss = rss
+            beat = process.last_heartbeat
+            if (
+                self.heartbeat_timeout is not None
+                and beat is not None
+                and not watch.killed
+                and now - beat > self.heartbeat_timeout
+                and not _exited(process)
+            ):
+                watch.killed = True
+                process.kill(f"no heartbeat for {now - beat:.0f}s")
+                continue
             if rss is None or watch.limit is None or rss <= watch.limit or watch.killed:
                 continue
             if not _exited(process):

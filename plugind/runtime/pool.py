@@ -6,8 +6,9 @@ least loaded one, and if a slot is free another process is spawned for the reque
 (an SDK process is single-threaded under gevent, so one process is one core). A process that
 crashed is replaced on next use, after an exponential backoff (0.5 s doubling to 30 s, back to
 the start once a process has stayed up for a minute), so a plugin that dies at every request
-cannot turn the node into a fork loop. A process whose memory goes over its plugin's limit is
-killed and counts as a crash (see :mod:`plugind.runtime.memory`).
+cannot turn the node into a fork loop. A process whose memory goes over its plugin's limit, or
+that stops sending heartbeats for ``heartbeat_timeout``, is killed and counts as a crash (see
+:mod:`plugind.runtime.memory`); it is replaced on next use.
 
 No background task is involved: the pool acts inside its callers' tasks, each process's reader
 is a thread owned by that process (see :mod:`plugind.runtime.process`), and one memory watchdog
@@ -84,6 +85,7 @@ class PluginPool:
         kill_grace: float = 3.0,
         memory_limit: int | None = None,
         memory_interval: float = 0.5,
+        heartbeat_timeout: float | None = None,
     ) -> None:
         if instances < 1:
             raise ValueError("instances must be at least 1")
@@ -100,7 +102,9 @@ class PluginPool:
         self.memory_limit = memory_limit  # default and cap of the manifests' resource.memory
         self._groups: dict[str, Group] = {}
         self._limits: dict[str, int | None] = {}  # by identifier, read from the manifest once
-        self._watchdog = MemoryWatchdog(interval=memory_interval)
+        self._watchdog = MemoryWatchdog(
+            interval=memory_interval, heartbeat_timeout=heartbeat_timeout
+        )
         self._closed = False
 
     # ------------------------------------------------------------------ public
