@@ -67,7 +67,9 @@ async def trim_stream(
     floor = await group_floor(redis, stream)
     if floor is None:
         return 0
-    window = f"{int((time.time() - retention_s) * 1000)}-0"
+    # No window at all for a retention of 0: "now" on this host's clock could fall in the very
+    # millisecond (or, with clock skew, before) the last acknowledged entries were given.
+    window = f"{int((time.time() - retention_s) * 1000)}-0" if retention_s > 0 else None
     point = _lowest(floor, window, ceiling)
     assert point is not None
     removed: int = await redis.xtrim(stream, minid=point, approximate=False)
