@@ -193,13 +193,25 @@ def test_every_command_has_an_example_and_the_docs_commands_parse() -> None:
         examples += epilog.removeprefix("example:\n  ").split("; ")
     documented: list[str] = []
     for doc in (REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))):
-        for block in re.findall(r"```(?:sh|bash)?\n(.*?)```", doc.read_text(), re.S):
-            for line in block.splitlines():
-                found = re.match(r"\s*(?:docker compose exec \S+ )?(plugind .*)", line)
-                if found:
-                    documented.append(found.group(1).split(" #")[0].strip())
+        for line in _shell_lines(doc.read_text()):
+            found = re.match(r"\s*(?:docker compose exec \S+ )?(plugind .*)", line)
+            if found:
+                documented.append(found.group(1).split(" #")[0].strip())
     assert len(documented) > 10, documented
     for command in examples + documented:
         words = shlex.split(command)
         assert words[0] == "plugind", command
         parser.parse_args(words[1:])  # exits (SystemExit) on a command the parser refuses
+
+
+def _shell_lines(markdown: str) -> list[str]:
+    """The lines of the shell blocks (```sh, ```bash or a bare fence) of a Markdown text."""
+    lines: list[str] = []
+    language: str | None = None  # None: outside a block
+    for line in markdown.splitlines():
+        fence = re.match(r"\s*```(\w*)", line)
+        if fence:
+            language = fence.group(1) if language is None else None
+        elif language in ("", "sh", "bash"):
+            lines.append(line)
+    return lines
