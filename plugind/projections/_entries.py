@@ -6,6 +6,7 @@ gap-free and the audit sees it; only the projector decides what to do with the r
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -45,6 +46,31 @@ class LogEntry:
     plugin_id: str | None
     at: datetime
     error: str | None = None  # why it is unknown
+    # ``canonical(payload)`` when it is also the canonical form of the text Postgres hands back
+    # for the stored jsonb (see :func:`jsonb_canonical`); None: ask Postgres to normalise it.
+    canonical: bytes | None = None
+
+
+# A number in exponent form, or a negative zero, right after ``:``, ``,`` or ``[`` in compact
+# JSON: the tokens whose jsonb text differs from what orjson makes of them (jsonb expands
+# ``1e16`` to ``10000000000000000``, an integer, and has no negative zero). The same bytes inside
+# a string only cost a round trip, never a wrong hash.
+_JSONB_REWRITES: Final = re.compile(rb"[:,\[](?:-?[0-9]+(?:\.[0-9]+)?[eE]|-0(?:\.0+)?[,\]}])")
+
+
+def jsonb_canonical(raw: bytes, obj: Any) -> bytes | None:
+    """The chain's canonical bytes of ``raw`` (parsed: ``obj``), if computing them here gives
+    what computing them from Postgres's text of the stored jsonb would; else None.
+
+    ``raw`` must be exactly orjson's compact serialisation of ``obj`` (so every number token is
+    orjson's, and no key repeats) and hold no number that jsonb rewrites. Then jsonb keeps
+    every number's digits, and Postgres's text parses back to ``obj``: both sides hash
+    ``orjson.dumps(obj, OPT_SORT_KEYS)``. Events as plugind writes them pass, and skip the
+    normalising round trip to Postgres.
+    """
+    if orjson.dumps(obj) != raw or _JSONB_REWRITES.search(raw):
+        return None
+    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
 
 
 def _scrub(value: Any) -> Any:
@@ -71,6 +97,7 @@ def _unknown(stream_id: str, raw: bytes, error: str, obj: Any = None) -> LogEntr
         stream_id=stream_id,
         type=UNKNOWN_TYPE,
         payload=payload,
+        canonical=None,
         event=None,
         event_id=None,
         request_id=pick("request_id"),
@@ -110,4 +137,5 @@ def decode_entry(stream_id: str, fields: dict[Any, Any] | None) -> LogEntry:
         tenant_id=event.tenant_id,
         plugin_id=short_plugin_id(plugin) if isinstance(plugin, str) and plugin else None,
         at=parse_at(event.at) or stream_id_time(stream_id),
+        canonical=jsonb_canonical(raw, obj),
     )
