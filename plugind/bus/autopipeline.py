@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 import anyio
@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 from anyio.abc import TaskStatus
 from redis.exceptions import NoScriptError
 
-from plugind.outage import Dependency, retry_redis
+from plugind.outage import Dependency, is_redis_outage, retry_redis
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,22 @@ class AutoPipeline:
         Retried through Redis outages (see the module doc); other errors reach the caller.
         """
         return await retry_redis(lambda: self._send(command), self.outage)
+
+    def submit(self, *command: Any) -> Reply:
+        """Queue ``command`` now and return its reply to await later (as :meth:`execute`).
+
+        The command leaves in order with everything queued before and after it, so a caller can
+        send two commands in one round trip, or overlap a write with other work, and await the
+        replies when it needs them. Awaiting retries it through outages like :meth:`execute`;
+        a reply never awaited is dropped silently.
+        """
+        first: asyncio.Future[Any] | None = None
+        if self._running:
+            first = asyncio.get_running_loop().create_future()
+            first.add_done_callback(_consume)
+            self._queue.append((command, first))
+            self._wakeup.set()
+        return Reply(self, command, first)
 
     async def evalsha(self, sha: str, source: str, keys: list[Any], args: list[Any]) -> Any:
         """Run a script by its sha, retried through outages like :meth:`execute`.
@@ -168,6 +184,39 @@ class AutoPipeline:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+
+class Reply:
+    """The reply to a command sent with :meth:`AutoPipeline.submit`, awaitable once."""
+
+    __slots__ = ("_command", "_first", "_pipeline")
+
+    def __init__(
+        self, pipeline: AutoPipeline, command: Command, first: asyncio.Future[Any] | None
+    ) -> None:
+        self._pipeline, self._command, self._first = pipeline, command, first
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._settle().__await__()
+
+    async def _settle(self) -> Any:
+        first, self._first = self._first, None
+        if first is not None:
+            try:
+                # The copy already sent. Its success says nothing of Redis now (the reply may have
+                # come long before): only a retry below reports to the outage tracker.
+                return await first
+            except Exception as exc:
+                if not is_redis_outage(exc):
+                    raise
+        pipeline, command = self._pipeline, self._command
+        return await retry_redis(lambda: pipeline._send(command), pipeline.outage)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Mark a reply's error as seen: a reply nobody awaits must not be logged as lost."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _fail_before_send(

@@ -16,7 +16,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from plugind.bus import scripts
-from plugind.bus.autopipeline import AutoPipeline
+from plugind.bus.autopipeline import AutoPipeline, Reply
 from plugind.bus.codec import EVENT_FIELD, text
 from plugind.bus.delivery import Delivery
 from plugind.bus.keys import WORKERS_GROUP, Keys, installed_field
@@ -61,8 +61,17 @@ class Emitter:
         )
         return text(entry_id)
 
+    def emit_soon(self, event: Event) -> Reply:
+        """Queue a non-terminal event now; await the reply (its id) later, before the request's
+        terminal commit, which then follows it in the stream."""
+        return self.pipeline.submit("XADD", self._keys.events, "*", EVENT_FIELD, encode(event))
+
     async def already_done(self, request_id: str) -> bool:
         return bool(await self.pipeline.execute("EXISTS", self._keys.done(request_id)))
+
+    def done_soon(self, request_id: str) -> Reply:
+        """:meth:`already_done`, queued now (the reply is the done marker's ``EXISTS`` count)."""
+        return self.pipeline.submit("EXISTS", self._keys.done(request_id))
 
     async def ack(self, delivery: Delivery) -> None:
         await self.pipeline.execute("XACK", delivery.stream, WORKERS_GROUP, delivery.entry_id)

@@ -13,6 +13,8 @@ from plugind.bus.delivery import Delivery
 from plugind.handlers.context import HandlerContext
 from plugind.handlers.decide import LogLine, Terminal
 
+log = logging.getLogger(__name__)
+
 
 async def finish(
     ctx: HandlerContext,
@@ -37,6 +39,17 @@ async def finish(
     if terminal.retire is not None and not await ctx.registry.in_use(terminal.retire):
         await ctx.plugins.stop(terminal.retire)
     return True
+
+
+async def skip_duplicate(ctx: HandlerContext, delivery: Delivery, request_id: str) -> None:
+    """Acknowledge a command whose request has already ended, without running it again."""
+    log.info(
+        "Duplicate request_id=%s on %s %s: already ended, acknowledged",
+        request_id,
+        delivery.stream,
+        delivery.entry_id,
+    )
+    await ctx.emitter.ack(delivery)
 
 
 def write(logger: logging.Logger, lines: tuple[LogLine, ...]) -> None:
