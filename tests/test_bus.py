@@ -7,6 +7,7 @@ from typing import Any
 import anyio
 import pytest
 
+from plugind.bus import consumer as consumer_module
 from plugind.bus.consumer import StreamConsumer
 from plugind.bus.delivery import Delivery
 from plugind.bus.emit import Emitter, RegistryChange
@@ -96,6 +97,49 @@ async def test_entries_of_a_dead_consumer_are_reclaimed_then_dead_lettered(
     assert [d for _id, d in handled if _id == poison_id] == [2, 3]
     assert dead[0].entry_id == poison_id and dead[0].deliveries == 3
     assert (await redis.xpending(keys.tasks, WORKERS_GROUP))["pending"] == 0
+
+
+async def test_a_busy_consumer_reads_once_a_quarter_of_its_slots_is_free(
+    redis: Any, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One read for several entries under load; a slot left free waits READ_LINGER_S at most."""
+    await ensure_group(redis, keys.tasks, WORKERS_GROUP)
+    ids = await _fill(redis, keys.tasks, 30)
+    release = {entry_id: anyio.Event() for entry_id in ids}
+    done: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        await release[delivery.entry_id].wait()
+        await redis.xack(delivery.stream, WORKERS_GROUP, delivery.entry_id)
+        done.append(delivery.entry_id)
+
+    async def settle(expected: int) -> None:
+        with anyio.fail_after(5):
+            while consumer.in_flight != expected:
+                await anyio.sleep(0.005)
+
+    monkeypatch.setattr(consumer_module, "READ_LINGER_S", 30.0)
+    consumer = _consumer(redis, keys, "c1", handler, concurrency=8, block_ms=50)
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer.run)
+        await settle(8)
+        release[ids[0]].set()
+        await settle(7)
+        await anyio.sleep(0.3)
+        assert consumer.in_flight == 7  # one free slot of 8: not worth a read yet
+        release[ids[1]].set()
+        await settle(8)  # two of 8 free: read
+        monkeypatch.setattr(consumer_module, "READ_LINGER_S", 0.05)
+        release[ids[2]].set()
+        await settle(7)
+        await settle(8)  # a lone free slot is filled after the linger all the same
+        for event in release.values():
+            event.set()
+        with anyio.fail_after(10):
+            while len(done) < 30:
+                await anyio.sleep(0.01)
+        consumer.stop()
+    assert sorted(done) == sorted(ids)
 
 
 async def test_terminal_commit_is_once_per_request_even_when_racing(redis: Any, keys: Keys) -> None:
