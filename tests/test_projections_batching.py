@@ -14,6 +14,7 @@ import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import anyio
 import asyncpg
 import orjson
 import pytest
@@ -38,6 +39,7 @@ from plugind.messages import (
 from plugind.projections._entries import decode_entry, jsonb_canonical
 from plugind.projections.commit import commit_batch
 from plugind.projections.hashchain import canonical, verify_event_log
+from plugind.projections.projector import Projector
 from plugind.projections.queries import get_checkpoint
 from plugind.projections.read_models import apply_event, apply_events
 
@@ -299,3 +301,95 @@ async def test_duplicates_in_and_before_a_batch_are_logged_once(pool: asyncpg.Po
     assert checkpoint is not None
     assert (checkpoint.last_stream_id, checkpoint.last_position) == ("6-0", 4)
     assert tasks == 3
+
+
+# -- the projector's loop: reading ahead behind a backlog, lingering when caught up ----------
+
+
+async def _publish_tasks(redis: Any, keys: Keys, n: int) -> list[str]:
+    make = EventFactory("n")
+    ids: list[str] = []
+    for i in range(n):
+        event = make(
+            TaskStarted,
+            request_id=f"r{i}",
+            tenant_id="t1",
+            plugin_id="acme/calc",
+            identifier="acme/calc:0.1.0@abc",
+            access="tool",
+            action="invoke_tool",
+            attempt=1,
+        )
+        ids.append((await redis.xadd(keys.events, {"event": encode(event)})).decode())
+    return ids
+
+
+async def committed_through(pool: asyncpg.Pool, entry_id: str, *, timeout: float) -> None:
+    with anyio.fail_after(timeout):
+        while True:
+            checkpoint = await get_checkpoint(pool)
+            if checkpoint is not None and checkpoint.last_stream_id == entry_id:
+                return
+            await anyio.sleep(0.01)
+
+
+class Spy:
+    """Wraps a projector's reads and commits to see when each ran."""
+
+    def __init__(self, projector: Projector) -> None:
+        self.commits = 0
+        self.committing = False
+        self.reads_while_committing = 0
+        read, commit = projector.reader.read, projector.commit
+
+        async def spied_read() -> Any:
+            if self.committing:
+                self.reads_while_committing += 1
+            return await read()
+
+        async def spied_commit(batch: Any) -> int:
+            self.committing = True
+            try:
+                await anyio.sleep(0.02)  # a slow database: room to read meanwhile
+                return await commit(batch)
+            finally:
+                self.committing = False
+                self.commits += 1
+
+        projector.reader.read = spied_read  # type: ignore[method-assign]
+        projector.commit = spied_commit  # type: ignore[method-assign]
+
+
+async def test_behind_a_backlog_the_next_batch_is_read_while_one_commits(
+    redis: Any, pool: asyncpg.Pool, keys: Keys
+) -> None:
+    ids = await _publish_tasks(redis, keys, 60)
+    projector = Projector(redis, pool, keys, "node-a", batch_size=10, block_ms=20, linger_s=0)
+    spy = Spy(projector)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(projector.run)
+        await committed_through(pool, ids[-1], timeout=20)
+        tg.cancel_scope.cancel()
+    await projector.close()
+    assert spy.reads_while_committing >= 3
+    async with pool.acquire() as conn:
+        logged = [r["stream_id"] for r in await conn.fetch("SELECT stream_id FROM event_log")]
+        assert (await verify_event_log(conn)).ok
+    assert logged == ids  # in stream order, every one once
+
+
+async def test_caught_up_it_lingers_so_a_trickle_is_committed_in_few_batches(
+    redis: Any, pool: asyncpg.Pool, keys: Keys
+) -> None:
+    projector = Projector(redis, pool, keys, "node-a", block_ms=20, linger_s=0.25)
+    spy = Spy(projector)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(projector.run)
+        ids: list[str] = []
+        for _ in range(20):  # one event every 25 ms for half a second
+            ids += await _publish_tasks(redis, keys, 1)
+            await anyio.sleep(0.025)
+        await committed_through(pool, ids[-1], timeout=10)
+        tg.cancel_scope.cancel()
+    await projector.close()
+    assert spy.commits <= 6, spy.commits  # not 20

@@ -6,7 +6,7 @@ gap-free and the audit sees it; only the projector decides what to do with the r
 
 from __future__ import annotations
 
-import re
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -32,7 +32,7 @@ def stream_id_time(stream_id: str) -> datetime:
     return datetime.fromtimestamp(stream_id_key(stream_id)[0] / 1000, UTC)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LogEntry:
     """One stream entry decoded for the log: ``event`` is None for an ``unknown`` row."""
 
@@ -51,26 +51,36 @@ class LogEntry:
     canonical: bytes | None = None
 
 
-# A number in exponent form, or a negative zero, right after ``:``, ``,`` or ``[`` in compact
-# JSON: the tokens whose jsonb text differs from what orjson makes of them (jsonb expands
-# ``1e16`` to ``10000000000000000``, an integer, and has no negative zero). The same bytes inside
-# a string only cost a round trip, never a wrong hash.
-_JSONB_REWRITES: Final = re.compile(rb"[:,\[](?:-?[0-9]+(?:\.[0-9]+)?[eE]|-0(?:\.0+)?[,\]}])")
-
-
 def jsonb_canonical(raw: bytes, obj: Any) -> bytes | None:
     """The chain's canonical bytes of ``raw`` (parsed: ``obj``), if computing them here gives
     what computing them from Postgres's text of the stored jsonb would; else None.
 
-    ``raw`` must be exactly orjson's compact serialisation of ``obj`` (so every number token is
-    orjson's, and no key repeats) and hold no number that jsonb rewrites. Then jsonb keeps
-    every number's digits, and Postgres's text parses back to ``obj``: both sides hash
-    ``orjson.dumps(obj, OPT_SORT_KEYS)``. Events as plugind writes them pass, and skip the
-    normalising round trip to Postgres.
+    ``raw`` must be exactly orjson's compact serialisation of ``obj`` (so every number in it is
+    written as orjson writes it, and no key repeats), with no float that jsonb writes otherwise:
+    one orjson writes with an exponent (jsonb expands ``1e+16`` to ``10000000000000000``, an
+    integer once parsed again) or a negative zero (jsonb has none). Then Postgres's text parses
+    back to ``obj``, and both sides hash ``orjson.dumps(obj, OPT_SORT_KEYS)``. Events as plugind
+    writes them pass, and skip the normalising round trip to Postgres.
     """
-    if orjson.dumps(obj) != raw or _JSONB_REWRITES.search(raw):
+    if orjson.dumps(obj) != raw or _jsonb_rewrites_a_float(obj):
         return None
     return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+
+
+def _jsonb_rewrites_a_float(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is dict:
+            stack.extend(item.values())
+        elif kind is list:
+            stack.extend(item)
+        elif kind is float and (
+            b"e" in orjson.dumps(item) or (item == 0.0 and math.copysign(1.0, item) < 0)
+        ):
+            return True
+    return False
 
 
 def _scrub(value: Any) -> Any:
