@@ -29,7 +29,6 @@ import os
 import signal
 import subprocess
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ import anyio
 import anyio.lowlevel
 
 from plugind.errors import PlugindError, TimedOut
+from plugind.messages import new_event_id
 from plugind.runtime import protocol
 from plugind.runtime._env import plugin_env
 from plugind.runtime._reader import OutputReader, describe_exit, signal_group, warn_if_pid1
@@ -257,7 +257,7 @@ class PluginProcess:
         """
         if not self.alive:
             raise PlugindError("plugin_crashed", f"{self.identifier} is not running")
-        session_id = str(uuid.uuid4())
+        session_id = new_event_id()  # any unique id; a UUIDv7 is the cheapest we make
         line = protocol.encode_request(session_id, request)
         receive = self._sessions.open(session_id, max_result_size)
         chunks: list[Any] = []
