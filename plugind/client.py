@@ -8,7 +8,6 @@ holds the terminal event's stream id) answers at once for requests that ended lo
 from __future__ import annotations
 
 import base64
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
@@ -31,6 +30,7 @@ from plugind.messages import (
     TaskCommand,
     UninstallCommand,
     is_terminal,
+    new_event_id,
 )
 
 
@@ -213,4 +213,5 @@ class Client:
 
 
 def new_request_id() -> str:
-    return str(uuid.uuid4())
+    """A new UUIDv7: time-ordered, so the ``tasks`` table's key index grows at its end."""
+    return new_event_id()

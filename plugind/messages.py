@@ -8,7 +8,8 @@ field `plugin_id` - at `$```). Unknown fields are ignored so producers may send 
 
 from __future__ import annotations
 
-import uuid
+import os
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final, TypeVar
@@ -309,11 +310,29 @@ def is_terminal(event: Event) -> bool:
 
 def now_rfc3339() -> str:
     """UTC now as RFC 3339 with microseconds and a ``Z`` suffix, as every event's ``at``."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def new_event_id() -> str:
-    return str(uuid.uuid4())
+    """A new UUIDv7 (RFC 9562): random, and ordered by time to the millisecond.
+
+    Ids made in the same millisecond share their first 12 hex digits, so ``event_log``'s unique
+    index on ``event_id`` grows at its end, as on a serial, instead of everywhere (a random
+    UUIDv4 touches a random leaf page of an index that grows with the log). Cheaper to make,
+    too: no ``uuid.UUID`` object.
+    """
+    value = (
+        (time.time_ns() // 1_000_000) << 80
+        | int.from_bytes(os.urandom(10), "big") & _V7_RANDOM
+        | _V7_VERSION_VARIANT
+    )
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+# after the 48-bit milliseconds: version 7 (4 bits), 12 random bits, variant 0b10, 62 random bits
+_V7_VERSION_VARIANT: Final = (0x7 << 76) | (0b10 << 62)
+_V7_RANDOM: Final = (0xFFF << 64) | ((1 << 62) - 1)
 
 
 E = TypeVar("E", bound=Event)

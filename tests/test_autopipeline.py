@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import anyio
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from plugind.bus.autopipeline import AutoPipeline
@@ -68,3 +70,57 @@ async def test_a_flushed_script_is_loaded_again(redis: Any, keys: Keys) -> None:
         await tg.start(pipeline.run)
         assert await pipeline.evalsha(sha, source, [keys.done("c")], []) == 1
         tg.cancel_scope.cancel()
+
+
+async def test_submitted_commands_leave_together_and_in_order(redis: Any, keys: Keys) -> None:
+    pipeline = AutoPipeline(redis)
+    async with anyio.create_task_group() as tg:
+        await tg.start(pipeline.run)
+        first = pipeline.submit("SET", keys.done("o"), "a")
+        second = pipeline.submit("APPEND", keys.done("o"), "b")
+        third = pipeline.submit("GET", keys.done("o"))
+        assert await third == b"ab"  # awaited out of order, run in order
+        assert await first is True and await second == 2
+        tg.cancel_scope.cancel()
+    assert (pipeline.flushes, pipeline.commands) == (1, 3)
+
+
+async def test_a_submitted_command_is_retried_after_a_dropped_connection(
+    redis: Any, keys: Keys
+) -> None:
+    pipeline = AutoPipeline(redis)
+    dropped: list[Any] = []
+
+    def fault(command: Any, sent: bool) -> BaseException | None:
+        if not sent and not dropped:
+            dropped.append(command)
+            return RedisConnectionError("Connection closed by server.")
+        return None
+
+    pipeline.fault = fault
+    async with anyio.create_task_group() as tg:
+        await tg.start(pipeline.run)
+        reply = pipeline.submit("INCR", keys.done("r"))
+        assert await reply == 1
+        tg.cancel_scope.cancel()
+    assert dropped and await redis.get(keys.done("r")) == b"1"
+
+
+async def test_a_reply_nobody_awaits_is_dropped_quietly(redis: Any, keys: Keys) -> None:
+    pipeline = AutoPipeline(redis)
+    await redis.set(keys.done("s"), "text")
+    async with anyio.create_task_group() as tg:
+        await tg.start(pipeline.run)
+        pipeline.submit("HGET", keys.done("s"), "field")  # fails (WRONGTYPE), never awaited
+        assert await pipeline.execute("GET", keys.done("s")) == b"text"
+        tg.cancel_scope.cancel()
+    gc.collect()  # an unretrieved future exception would be reported (an error under pytest)
+
+
+async def test_without_a_flusher_a_submitted_command_is_sent_when_awaited(
+    redis: Any, keys: Keys
+) -> None:
+    pipeline = AutoPipeline(redis)
+    reply = pipeline.submit("SET", keys.done("late"), "1")
+    assert await redis.get(keys.done("late")) is None
+    assert await reply is True

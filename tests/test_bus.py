@@ -7,6 +7,9 @@ from typing import Any
 import anyio
 import pytest
 
+from plugind.bus import consumer as consumer_module
+from plugind.bus import scripts
+from plugind.bus.autopipeline import AutoPipeline, BatchedScript
 from plugind.bus.consumer import StreamConsumer
 from plugind.bus.delivery import Delivery
 from plugind.bus.emit import Emitter, RegistryChange
@@ -96,6 +99,49 @@ async def test_entries_of_a_dead_consumer_are_reclaimed_then_dead_lettered(
     assert [d for _id, d in handled if _id == poison_id] == [2, 3]
     assert dead[0].entry_id == poison_id and dead[0].deliveries == 3
     assert (await redis.xpending(keys.tasks, WORKERS_GROUP))["pending"] == 0
+
+
+async def test_a_busy_consumer_reads_once_a_quarter_of_its_slots_is_free(
+    redis: Any, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One read for several entries under load; a slot left free waits READ_LINGER_S at most."""
+    await ensure_group(redis, keys.tasks, WORKERS_GROUP)
+    ids = await _fill(redis, keys.tasks, 30)
+    release = {entry_id: anyio.Event() for entry_id in ids}
+    done: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        await release[delivery.entry_id].wait()
+        await redis.xack(delivery.stream, WORKERS_GROUP, delivery.entry_id)
+        done.append(delivery.entry_id)
+
+    async def settle(expected: int) -> None:
+        with anyio.fail_after(5):
+            while consumer.in_flight != expected:
+                await anyio.sleep(0.005)
+
+    monkeypatch.setattr(consumer_module, "READ_LINGER_S", 30.0)
+    consumer = _consumer(redis, keys, "c1", handler, concurrency=8, block_ms=50)
+    async with anyio.create_task_group() as tg:
+        await tg.start(consumer.run)
+        await settle(8)
+        release[ids[0]].set()
+        await settle(7)
+        await anyio.sleep(0.3)
+        assert consumer.in_flight == 7  # one free slot of 8: not worth a read yet
+        release[ids[1]].set()
+        await settle(8)  # two of 8 free: read
+        monkeypatch.setattr(consumer_module, "READ_LINGER_S", 0.05)
+        release[ids[2]].set()
+        await settle(7)
+        await settle(8)  # a lone free slot is filled after the linger all the same
+        for event in release.values():
+            event.set()
+        with anyio.fail_after(10):
+            while len(done) < 30:
+                await anyio.sleep(0.01)
+        consumer.stop()
+    assert sorted(done) == sorted(ids)
 
 
 async def test_terminal_commit_is_once_per_request_even_when_racing(redis: Any, keys: Keys) -> None:
@@ -225,3 +271,74 @@ async def test_a_backlog_entry_that_keeps_killing_its_node_is_dead_lettered(
     await _run_while(consumer, lambda: not dead, timeout=5)
     assert ran == []
     assert dead[0].entry_id == poison and dead[0].deliveries == 3
+
+
+async def test_terminal_commits_batched_in_one_call_end_each_request_once(
+    redis: Any, keys: Keys
+) -> None:
+    """Five requests, each delivered three times, ending at once: one event per request."""
+    await ensure_group(redis, keys.tasks, WORKERS_GROUP)
+    ids = await _fill(redis, keys.tasks, 15)
+    await redis.xreadgroup(WORKERS_GROUP, "c", {keys.tasks: ">"}, count=15)
+    emitter = Emitter(redis, keys, dedupe_ttl=60)
+    await redis.script_load(scripts.TERMINAL_COMMIT_MANY)
+    script_calls: list[int] = []
+
+    def watch(command: Any, sent: bool) -> None:
+        if command[0] in ("EVALSHA", "EVAL") and not sent:
+            script_calls.append(int(command[2]) // scripts.TERMINAL_COMMIT_KEYS)
+
+    emitter.pipeline.fault = watch
+    make = EventFactory("n")
+    results: dict[str, list[str | None]] = {}
+
+    async def commit(entry_id: str, request_id: str) -> None:
+        event = make(
+            TaskSucceeded,
+            request_id=request_id,
+            tenant_id="t",
+            plugin_id="a/b",
+            result=TaskResult(chunks=[]),
+            duration_ms=1.0,
+        )
+        reply = await emitter.terminal(Delivery(keys.tasks, entry_id, {}), event)
+        results.setdefault(request_id, []).append(reply)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(emitter.pipeline.run)
+        async with anyio.create_task_group() as callers:
+            for i, entry_id in enumerate(ids):
+                callers.start_soon(commit, entry_id, f"r{i % 5}")
+        tg.cancel_scope.cancel()
+    assert script_calls == [15]  # one script call for the lot
+    events = [decode_event(f[b"event"]) for _i, f in await redis.xrange(keys.events)]
+    assert sorted(e.request_id for e in events) == [f"r{i}" for i in range(5)]
+    for request_id, replies in results.items():
+        committed = [r for r in replies if r]
+        assert len(replies) == 3 and len(committed) == 1, (request_id, replies)
+        assert await redis.get(keys.done(request_id)) == committed[0].encode()
+    assert (await redis.xpending(keys.tasks, WORKERS_GROUP))["pending"] == 0
+
+
+async def test_a_batched_script_unknown_to_redis_runs_from_source(redis: Any, keys: Keys) -> None:
+    script = BatchedScript(
+        f"-- {keys.namespace}\n"
+        "local r = {} for i = 1, #KEYS do r[i] = redis.call('INCRBY', KEYS[i], ARGV[i]) end "
+        "return r",
+        keys_per_call=1,
+        args_per_call=1,
+    )
+    pipeline = AutoPipeline(redis)
+    replies: dict[int, Any] = {}
+
+    async def call(n: int) -> None:
+        replies[n] = await pipeline.call_batched(script, [keys.done(f"k{n}")], [n])
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(pipeline.run)
+        async with anyio.create_task_group() as callers:
+            for n in range(1, 6):
+                callers.start_soon(call, n)
+        assert await pipeline.call_batched(script, [keys.done("k1")], [10]) == 11  # cached now
+        tg.cancel_scope.cancel()
+    assert replies == {n: n for n in range(1, 6)}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import time
+import uuid
 
 import msgspec
 import pytest
@@ -22,6 +24,7 @@ from plugind.messages import (
     decode_event,
     encode,
     is_terminal,
+    new_event_id,
 )
 
 
@@ -99,3 +102,17 @@ def test_error_info_omits_what_the_plugin_did_not_say() -> None:
         duration_ms=1.0,
     )
     assert b'"error":{"code":"timeout","message":"too slow"}' in encode(event)
+
+
+def test_event_ids_are_uuid7_ordered_by_time() -> None:
+    first = new_event_id()
+    time.sleep(0.002)
+    later = [new_event_id() for _ in range(100)]
+    for value in [first, *later]:
+        parsed = uuid.UUID(value)
+        assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
+        assert str(parsed) == value
+    assert len(set(later)) == 100
+    assert all(first[:13] < value[:13] for value in later)  # later milliseconds sort later
+    stamp = int(first.replace("-", "")[:12], 16) / 1000
+    assert abs(stamp - time.time()) < 5

@@ -7,6 +7,9 @@ an entry's idle time is how long its owner has been silent about it. Once that r
 ``takeover_after_s`` (six keep-alives missed by default: 30 s and 5 s) the owner is dead or
 frozen, and another node takes the entry over, whatever the task's own timeout; a live node's
 entries never get there, however long they run.
+A busy consumer waits (20 ms at most) until a quarter of its slots is free before it reads
+again: one read then fetches many entries, where reading as each handler finished cost a round
+trip per entry.
 
 A Redis outage never ends a consumer: reads, keep-alives and reclaims retry with a capped backoff
 (so reading resumes within about a second of Redis's return) and report to the daemon's outage
@@ -48,6 +51,7 @@ KEEPALIVES_PER_TAKEOVER = 6
 SCANS_PER_TAKEOVER = 12  # how often every node looks for abandoned entries
 SWEEP_EVERY_S = 600.0  # how often a node looks for consumers of nodes long gone
 GONE_AFTER_S = 3600.0
+READ_LINGER_S = 0.02
 
 
 class StreamConsumer:
@@ -84,6 +88,7 @@ class StreamConsumer:
         self._max_deliveries = max_deliveries
         self._on_dead = on_dead
         self._in_flight: set[str] = set()
+        self._read_at = max(1, concurrency // 4)
         self._slot_freed = anyio.Event()
         self._stopping = anyio.Event()
         self._read_scope: anyio.CancelScope | None = None
@@ -135,11 +140,21 @@ class StreamConsumer:
         """
         backoff = Backoff(0.1, 1.0)
         failed = False
+        short_since: float | None = None  # since when a few slots, not enough to read, are free
         while not self._stopping.is_set():
             free = self.concurrency - len(self._in_flight)
             if free <= 0:
                 await self._wait_slot()
                 continue
+            if self._in_flight and free < self._read_at:
+                # Busy: read once a quarter of the slots is free (one read for several entries
+                # instead of one per finished handler), or after READ_LINGER_S at the latest.
+                now = anyio.current_time()
+                short_since = now if short_since is None else short_since
+                if now - short_since < READ_LINGER_S:
+                    await self._wait_slot(short_since + READ_LINGER_S - now)
+                    continue
+            short_since = None
             batch: tuple[list[tuple[str, dict[bytes, bytes]]], dict[str, int]] | None = None
             with anyio.CancelScope() as scope:
                 self._read_scope = scope
@@ -251,9 +266,9 @@ class StreamConsumer:
             self._in_flight.discard(delivery.entry_id)
             self._slot_freed.set()
 
-    async def _wait_slot(self) -> None:
+    async def _wait_slot(self, timeout: float = 1.0) -> None:
         self._slot_freed = anyio.Event()
-        with anyio.move_on_after(1.0):
+        with anyio.move_on_after(timeout):
             await self._slot_freed.wait()
 
     async def _keepalive(self) -> None:

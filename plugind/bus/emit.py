@@ -16,7 +16,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from plugind.bus import scripts
-from plugind.bus.autopipeline import AutoPipeline
+from plugind.bus.autopipeline import AutoPipeline, BatchedScript, Reply
 from plugind.bus.codec import EVENT_FIELD, text
 from plugind.bus.delivery import Delivery
 from plugind.bus.keys import WORKERS_GROUP, Keys, installed_field
@@ -26,6 +26,12 @@ from plugind.outage import Dependency, retry_redis
 log = logging.getLogger(__name__)
 
 OUTPUT_TTL_S = 600
+
+# The terminal commits of the requests ending at the same time go to Redis as one script call
+# (bus.scripts.TERMINAL_COMMIT_MANY): each is exactly TERMINAL_COMMIT, one after the other.
+TERMINAL_COMMITS = BatchedScript(
+    scripts.TERMINAL_COMMIT_MANY, scripts.TERMINAL_COMMIT_KEYS, scripts.TERMINAL_COMMIT_ARGS
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +56,6 @@ class Emitter:
         self._redis = redis
         self._keys = keys
         self._dedupe_ttl = dedupe_ttl
-        self._commit = redis.register_script(scripts.TERMINAL_COMMIT)
         self._dead = redis.register_script(scripts.DEAD_LETTER)
         self.pipeline = AutoPipeline(redis, outage=outage)
 
@@ -61,8 +66,17 @@ class Emitter:
         )
         return text(entry_id)
 
+    def emit_soon(self, event: Event) -> Reply:
+        """Queue a non-terminal event now; await the reply (its id) later, before the request's
+        terminal commit, which then follows it in the stream."""
+        return self.pipeline.submit("XADD", self._keys.events, "*", EVENT_FIELD, encode(event))
+
     async def already_done(self, request_id: str) -> bool:
         return bool(await self.pipeline.execute("EXISTS", self._keys.done(request_id)))
+
+    def done_soon(self, request_id: str) -> Reply:
+        """:meth:`already_done`, queued now (the reply is the done marker's ``EXISTS`` count)."""
+        return self.pipeline.submit("EXISTS", self._keys.done(request_id))
 
     async def ack(self, delivery: Delivery) -> None:
         await self.pipeline.execute("XACK", delivery.stream, WORKERS_GROUP, delivery.entry_id)
@@ -95,6 +109,8 @@ class Emitter:
     ) -> str | None:
         """The one atomic terminal step; returns the event's id, or None if it had already ended.
 
+        Requests that end at the same time share one script call (``TERMINAL_COMMITS``), which
+        commits each of them exactly as a call of its own would.
         Retried through Redis outages and after a lost script cache (see ``bus.autopipeline``).
         That is safe: with a marker, the script appends nothing once the marker exists; without
         one, nothing once the entry is acknowledged. If an earlier attempt did land and only its
@@ -102,9 +118,8 @@ class Emitter:
         very event: then its id is returned as if the first reply had arrived.
         """
         keys = self._keys
-        result = await self.pipeline.evalsha(
-            self._commit.sha,
-            scripts.TERMINAL_COMMIT,
+        result = await self.pipeline.call_batched(
+            TERMINAL_COMMITS,
             [
                 delivery.stream,
                 keys.events,

@@ -14,7 +14,7 @@ import msgspec
 from plugind.bus.delivery import Delivery
 from plugind.handlers.context import HandlerContext
 from plugind.handlers.decide import Refusal, dead_lettered, max_command_bytes, read_command
-from plugind.handlers.finish import write
+from plugind.handlers.finish import skip_duplicate, write
 from plugind.handlers.install import handle_install
 from plugind.handlers.rejection import reject
 from plugind.handlers.task import handle_task
@@ -41,18 +41,13 @@ class Dispatcher:
                 tenant_id=cmd.tenant_id,
             )
             return
-        if await ctx.emitter.already_done(cmd.request_id):
-            log.info(
-                "Duplicate request_id=%s on %s %s: already ended, acknowledged",
-                cmd.request_id,
-                delivery.stream,
-                delivery.entry_id,
-            )
-            await ctx.emitter.ack(delivery)
-            return
         if isinstance(cmd, TaskCommand):
-            await handle_task(ctx, delivery, cmd)
-        elif isinstance(cmd, InstallCommand):
+            await handle_task(ctx, delivery, cmd)  # de-duplicates along with its first lookup
+            return
+        if await ctx.emitter.already_done(cmd.request_id):
+            await skip_duplicate(ctx, delivery, cmd.request_id)
+            return
+        if isinstance(cmd, InstallCommand):
             await handle_install(ctx, delivery, cmd)
         elif isinstance(cmd, UninstallCommand):
             await handle_uninstall(ctx, delivery, cmd)

@@ -15,6 +15,8 @@ from plugind.handlers.context import HandlerContext
 from plugind.handlers.decide import LogLine, Terminal
 from plugind.installed.lifecycle import Note, announce
 
+log = logging.getLogger(__name__)
+
 
 async def finish(
     ctx: HandlerContext,
@@ -46,6 +48,17 @@ async def finish(
             Note(installed=installed, retire=terminal.retire, node=ctx.settings.node),
         )
     return True
+
+
+async def skip_duplicate(ctx: HandlerContext, delivery: Delivery, request_id: str) -> None:
+    """Acknowledge a command whose request has already ended, without running it again."""
+    log.info(
+        "Duplicate request_id=%s on %s %s: already ended, acknowledged",
+        request_id,
+        delivery.stream,
+        delivery.entry_id,
+    )
+    await ctx.emitter.ack(delivery)
 
 
 def write(logger: logging.Logger, lines: tuple[LogLine, ...]) -> None:

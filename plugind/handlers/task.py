@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 
+from plugind.bus.autopipeline import Reply
 from plugind.bus.delivery import Delivery
 from plugind.errors import PlugindError
 from plugind.handlers.context import HandlerContext
@@ -20,7 +21,7 @@ from plugind.handlers.decide import (
     task_started,
     task_timeout,
 )
-from plugind.handlers.finish import finish, write
+from plugind.handlers.finish import finish, skip_duplicate, write
 from plugind.handlers.timing import ms_since
 from plugind.messages import TaskCommand
 from plugind.runtime.backwards import Backwards, BackwardsCall, BackwardsOutcome, BackwardsReply
@@ -29,13 +30,33 @@ log = logging.getLogger(__name__)
 
 
 async def handle_task(ctx: HandlerContext, delivery: Delivery, cmd: TaskCommand) -> None:
+    """Run one task command (the dispatcher leaves its de-duplication to us).
+
+    Round trips are what a task waits for, so they overlap: the done-marker check and the
+    plugin lookup travel to Redis together, and ``task.started`` is sent while the plugin runs
+    (its reply is awaited before the terminal commit, which therefore follows it in the
+    stream, as before).
+    """
     started = time.monotonic()
     timeout = task_timeout(cmd, ctx.settings.task_timeout)
     plugin_id = cmd.plugin_id
     outcome: list[Any] | PlugindError
+    done = ctx.emitter.done_soon(cmd.request_id)
     try:
-        plugin_id, identifier = await ctx.registry.resolve(cmd.tenant_id, cmd.plugin_id)
-        await ctx.emitter.emit(
+        resolved: tuple[str, str] | PlugindError = await ctx.registry.resolve(
+            cmd.tenant_id, cmd.plugin_id
+        )
+    except PlugindError as exc:
+        resolved = exc
+    if await done:
+        await skip_duplicate(ctx, delivery, cmd.request_id)
+        return
+    announced: Reply | None = None
+    try:
+        if isinstance(resolved, PlugindError):
+            raise resolved
+        plugin_id, identifier = resolved
+        announced = ctx.emitter.emit_soon(
             task_started(
                 ctx.events,
                 cmd,
@@ -57,6 +78,8 @@ async def handle_task(ctx: HandlerContext, delivery: Delivery, cmd: TaskCommand)
             )
     except PlugindError as exc:
         outcome = exc
+    if announced is not None:
+        await announced
     ended = task_ended(
         ctx.events,
         cmd,

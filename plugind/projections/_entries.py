@@ -6,6 +6,7 @@ gap-free and the audit sees it; only the projector decides what to do with the r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -31,7 +32,7 @@ def stream_id_time(stream_id: str) -> datetime:
     return datetime.fromtimestamp(stream_id_key(stream_id)[0] / 1000, UTC)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LogEntry:
     """One stream entry decoded for the log: ``event`` is None for an ``unknown`` row."""
 
@@ -45,6 +46,41 @@ class LogEntry:
     plugin_id: str | None
     at: datetime
     error: str | None = None  # why it is unknown
+    # ``canonical(payload)`` when it is also the canonical form of the text Postgres hands back
+    # for the stored jsonb (see :func:`jsonb_canonical`); None: ask Postgres to normalise it.
+    canonical: bytes | None = None
+
+
+def jsonb_canonical(raw: bytes, obj: Any) -> bytes | None:
+    """The chain's canonical bytes of ``raw`` (parsed: ``obj``), if computing them here gives
+    what computing them from Postgres's text of the stored jsonb would; else None.
+
+    ``raw`` must be exactly orjson's compact serialisation of ``obj`` (so every number in it is
+    written as orjson writes it, and no key repeats), with no float that jsonb writes otherwise:
+    one orjson writes with an exponent (jsonb expands ``1e+16`` to ``10000000000000000``, an
+    integer once parsed again) or a negative zero (jsonb has none). Then Postgres's text parses
+    back to ``obj``, and both sides hash ``orjson.dumps(obj, OPT_SORT_KEYS)``. Events as plugind
+    writes them pass, and skip the normalising round trip to Postgres.
+    """
+    if orjson.dumps(obj) != raw or _jsonb_rewrites_a_float(obj):
+        return None
+    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+
+
+def _jsonb_rewrites_a_float(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is dict:
+            stack.extend(item.values())
+        elif kind is list:
+            stack.extend(item)
+        elif kind is float and (
+            b"e" in orjson.dumps(item) or (item == 0.0 and math.copysign(1.0, item) < 0)
+        ):
+            return True
+    return False
 
 
 def _scrub(value: Any) -> Any:
@@ -71,6 +107,7 @@ def _unknown(stream_id: str, raw: bytes, error: str, obj: Any = None) -> LogEntr
         stream_id=stream_id,
         type=UNKNOWN_TYPE,
         payload=payload,
+        canonical=None,
         event=None,
         event_id=None,
         request_id=pick("request_id"),
@@ -110,4 +147,5 @@ def decode_entry(stream_id: str, fields: dict[Any, Any] | None) -> LogEntry:
         tenant_id=event.tenant_id,
         plugin_id=short_plugin_id(plugin) if isinstance(plugin, str) and plugin else None,
         at=parse_at(event.at) or stream_id_time(stream_id),
+        canonical=jsonb_canonical(raw, obj),
     )

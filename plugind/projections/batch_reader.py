@@ -57,6 +57,11 @@ class BatchReader:
                 break
         self._pending_first = True
 
+    @property
+    def pending_first(self) -> bool:
+        """Whether the next read is of our own pending entries (after a start or a failure)."""
+        return self._pending_first
+
     def reread(self) -> None:
         """Read our pending entries again first: the last batch was not committed."""
         self._pending_first = True

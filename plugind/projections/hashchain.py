@@ -29,9 +29,14 @@ def canonical(event_json: bytes | str) -> bytes:
 
 def chain_hash(prev: bytes, event_json: bytes | str) -> bytes:
     """The hash of the row holding ``event_json`` whose predecessor's hash is ``prev``."""
+    return chain_hash_canonical(prev, canonical(event_json))
+
+
+def chain_hash_canonical(prev: bytes, canonical_bytes: bytes) -> bytes:
+    """:func:`chain_hash` of an event whose :func:`canonical` bytes are already known."""
     if len(prev) != 32:
         raise ValueError(f"previous hash must be 32 bytes, got {len(prev)}")
-    return hashlib.sha256(prev + canonical(event_json)).digest()
+    return hashlib.sha256(prev + canonical_bytes).digest()
 
 
 class ChainRow(NamedTuple):

@@ -45,6 +45,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 COMMIT_TIMEOUT_S: Final = 30.0
+LINGER_S: Final = 0.01
 FIRST_RETRY_S: Final = 0.5
 OUTAGE_RETRY_CAP_S: Final = 5.0
 FAILURE_RETRY_CAP_S: Final = 30.0
@@ -105,6 +106,7 @@ class Projector:
         standby_interval: float = 2.0,
         checkpoint: str = EVENT_LOG_CHECKPOINT,
         metrics: NodeMetrics | None = None,
+        linger_s: float = LINGER_S,
     ) -> None:
         self.redis = redis
         self.pool = pool
@@ -114,6 +116,9 @@ class Projector:
         self.checkpoint = checkpoint
         self.leader = LeaderLock(pool, projector_lock_key(keys))
         self.reader = BatchReader(redis, keys, node, batch_size=batch_size, block_ms=block_ms)
+        self.linger_s = linger_s
+        self._ahead: list[LogEntry] | None = None  # the next batch, read while one committed
+        self._last_read = 0.0
         self._isolate = False
         self._metrics = metrics
         self._outages = {name: _Outage(name) for name in (POSTGRES, REDIS)}
@@ -131,6 +136,7 @@ class Projector:
         self._outages[POSTGRES].end()
         if not acquired:
             return False
+        self._ahead = None  # read under an earlier leadership: pending entries come first now
         try:
             await self.reader.take_over()
         except BaseException:
@@ -143,6 +149,7 @@ class Projector:
 
     async def deactivate(self) -> None:
         """Give up the lock (a standby takes over); safe to call when not active."""
+        self._ahead = None
         await self.leader.release()
 
     close = deactivate
@@ -167,7 +174,7 @@ class Projector:
                         await anyio.sleep(self.standby_interval)
                         continue
                     waiting_logged = False
-                    await self.run_once()
+                    await self._step()
                     delay = FIRST_RETRY_S
                 except ProjectionConflictError:
                     raise
@@ -177,8 +184,55 @@ class Projector:
             with anyio.move_on_after(5, shield=True):
                 await self.deactivate()
 
+    async def _step(self) -> None:
+        """One batch of :meth:`run`: like :meth:`run_once`, with two differences for throughput.
+
+        Behind (a full batch, our own pending entries already read), the next batch is read
+        and decoded while this one commits, so decoding and Postgres work overlap. Caught up (a
+        smaller batch), the next read waits until ``linger_s`` after the last one, so a steady
+        stream of events is committed in batches of a few dozen rather than one or two at a
+        time: a commit costs about as much for one event as for fifty. Projection lags by at
+        most that much more; the terminal events on the stream, which clients wait for, do not.
+        """
+        batch, self._ahead = self._ahead, None
+        if batch is None:
+            wait = self._last_read + self.linger_s - anyio.current_time()
+            if wait > 0:
+                await anyio.sleep(wait)
+            self._last_read = anyio.current_time()
+            batch = await self.reader.read()
+        if not batch:
+            return
+        behind = len(batch) >= self.reader.batch_size and not self.reader.pending_first
+        failure: Exception | None = None
+        read_failure: list[Exception] = []
+        async with anyio.create_task_group() as tg:
+            if behind:
+                tg.start_soon(self._read_ahead, read_failure)
+            try:
+                # as in run_once: a batch read is committed and acknowledged even when
+                # shutdown cancels us meanwhile
+                with anyio.CancelScope(shield=True), anyio.fail_after(COMMIT_TIMEOUT_S):
+                    await self.commit(batch)
+                    await self.reader.ack(batch)
+            except Exception as exc:
+                failure = exc
+                tg.cancel_scope.cancel()
+        if failure is not None:
+            self._ahead = None
+            raise failure
+        if read_failure:
+            raise read_failure[0]
+
+    async def _read_ahead(self, failure: list[Exception]) -> None:
+        try:
+            self._ahead = await self.reader.read()
+        except Exception as exc:
+            failure.append(exc)
+
     async def _recover(self, exc: Exception, delay: float) -> float:
         """Handle a failed step, wait, and return the next wait."""
+        self._ahead = None
         self.reader.reread()  # the failed batch (if any) is read again, and skipped if committed
         dependency = _unreachable(exc)
         if dependency is not None:

@@ -262,24 +262,124 @@ async def apply_events(
     *,
     tasks_stream: str | None = None,
 ) -> None:
-    """Fold ``events`` (in log order) with a few pipelined ``executemany`` calls, not one each.
+    """Fold ``events`` (in log order) with a few set-based statements, not one each.
 
-    Only events on the same row must keep their order, so the n-th event of each row goes to
-    round n; within a round every row is distinct, and statements of one kind run together.
-    The result equals applying the events one by one.
+    Only events on the same row must keep their order, so the n-th statement of each row goes
+    to round n; within a round every row is distinct, and statements of one kind run together:
+    the task statements as one ``INSERT … SELECT FROM unnest(…)`` each, the rare others with
+    ``executemany``. A task's ``task.started`` directly followed (on its row) by its terminal
+    event becomes one statement that writes the row as the pair would (:data:`_TASK_RAN`), so a
+    task started and ended within a batch is written once, not inserted and then updated.
+    The result equals applying the events one by one with :func:`apply_event`.
     """
-    rounds: list[dict[str, list[tuple[Any, ...]]]] = []
-    seen: dict[tuple[str, ...], int] = {}
+    rows: dict[tuple[str, ...], list[Statement]] = {}
     for event, at in events:
         statement = statement_for(event, at=at, tasks_stream=tasks_stream)
         if statement is None:
             continue
-        key = _row_key(event)
-        index = seen.get(key, 0)
-        seen[key] = index + 1
-        if index == len(rounds):
-            rounds.append({})
-        rounds[index].setdefault(statement[0], []).append(statement[1])
+        sequence = rows.setdefault(_row_key(event), [])
+        previous = sequence[-1] if sequence else None
+        if previous is not None and previous[0] == _TASK_STARTED and statement[0] == _TASK_ENDED:
+            sequence[-1] = (_TASK_RAN, _ran(previous[1], statement[1]))
+        else:
+            sequence.append(statement)
+    rounds: list[dict[str, list[tuple[Any, ...]]]] = []
+    for sequence in rows.values():
+        for index, (sql, args) in enumerate(sequence):
+            if index == len(rounds):
+                rounds.append({})
+            rounds[index].setdefault(sql, []).append(args)
     for by_sql in rounds:
-        for sql, args in by_sql.items():
-            await conn.executemany(sql, args)
+        for sql, arg_rows in by_sql.items():
+            bulk = _BULK.get(sql)
+            if bulk is not None and len(arg_rows) > 1:
+                columns = [list(column) for column in zip(*arg_rows, strict=True)]
+                await conn.execute(bulk, *columns)
+            else:
+                await conn.executemany(sql, arg_rows)
+
+
+def _ran(started: tuple[Any, ...], ended: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The arguments of :data:`_TASK_RAN` for a ``_TASK_STARTED`` then ``_TASK_ENDED`` pair.
+
+    Applied in turn, the pair leaves the row with the started event's ids, access, action,
+    attempt and times, and the ended event's status, finish, duration and outcome (the ended
+    statement's ``coalesce`` keeps the started event's non-null ``plugin_id`` and
+    ``identifier``); where the row is already terminal neither changes it.
+    """
+    request_id, tenant_id, plugin_id, identifier, access, action, attempt, started_at = started
+    _rid, _tenant, _plugin, _identifier, status, finished_at, duration, result, error = ended
+    return (
+        request_id,
+        tenant_id,
+        plugin_id,
+        identifier,
+        access,
+        action,
+        attempt,
+        started_at,
+        status,
+        finished_at,
+        duration,
+        result,
+        error,
+    )
+
+
+_TASK_RAN: Final = """
+INSERT INTO tasks AS t (request_id, tenant_id, plugin_id, identifier, access, action, status,
+                        attempts, created_at, started_at, finished_at, duration_ms, result, error)
+VALUES ($1, $2, $3, $4, $5, $6, $9, $7, $8, $8, $10, $11, $12::text::jsonb, $13::text::jsonb)
+ON CONFLICT (request_id) DO UPDATE SET
+    plugin_id = EXCLUDED.plugin_id, identifier = EXCLUDED.identifier,
+    access = EXCLUDED.access, action = EXCLUDED.action,
+    attempts = GREATEST(t.attempts, EXCLUDED.attempts), started_at = EXCLUDED.started_at,
+    status = EXCLUDED.status, finished_at = EXCLUDED.finished_at,
+    duration_ms = EXCLUDED.duration_ms, result = EXCLUDED.result, error = EXCLUDED.error
+WHERE t.status = 'running'
+"""
+
+# The task statements over arrays, one row per element: the same effect as ``executemany`` of
+# the statement they are keyed by, in one execution (rows within a round are distinct).
+_BULK: Final[dict[str, str]] = {
+    _TASK_STARTED: """
+INSERT INTO tasks AS t (request_id, tenant_id, plugin_id, identifier, access, action,
+                        status, attempts, created_at, started_at)
+SELECT r, tn, p, i, ac, an, 'running', n, a, a
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+            $7::bigint[], $8::timestamptz[]) AS u(r, tn, p, i, ac, an, n, a)
+ON CONFLICT (request_id) DO UPDATE SET
+    plugin_id = EXCLUDED.plugin_id, identifier = EXCLUDED.identifier,
+    access = EXCLUDED.access, action = EXCLUDED.action,
+    attempts = GREATEST(t.attempts, EXCLUDED.attempts), started_at = EXCLUDED.started_at
+WHERE t.status = 'running'
+""",
+    _TASK_ENDED: """
+INSERT INTO tasks AS t (request_id, tenant_id, plugin_id, identifier, status, created_at,
+                        finished_at, duration_ms, result, error)
+SELECT r, tn, p, i, s, a, a, d, res::jsonb, err::jsonb
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
+            $7::float8[], $8::text[], $9::text[]) AS u(r, tn, p, i, s, a, d, res, err)
+ON CONFLICT (request_id) DO UPDATE SET
+    status = EXCLUDED.status, finished_at = EXCLUDED.finished_at,
+    duration_ms = EXCLUDED.duration_ms, result = EXCLUDED.result, error = EXCLUDED.error,
+    plugin_id = coalesce(t.plugin_id, EXCLUDED.plugin_id),
+    identifier = coalesce(t.identifier, EXCLUDED.identifier)
+WHERE t.status = 'running'
+""",
+    _TASK_RAN: """
+INSERT INTO tasks AS t (request_id, tenant_id, plugin_id, identifier, access, action, status,
+                        attempts, created_at, started_at, finished_at, duration_ms, result, error)
+SELECT r, tn, p, i, ac, an, s, n, a, a, f, d, res::jsonb, err::jsonb
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+            $7::bigint[], $8::timestamptz[], $9::text[], $10::timestamptz[], $11::float8[],
+            $12::text[], $13::text[]) AS u(r, tn, p, i, ac, an, n, a, s, f, d, res, err)
+ON CONFLICT (request_id) DO UPDATE SET
+    plugin_id = EXCLUDED.plugin_id, identifier = EXCLUDED.identifier,
+    access = EXCLUDED.access, action = EXCLUDED.action,
+    attempts = GREATEST(t.attempts, EXCLUDED.attempts), started_at = EXCLUDED.started_at,
+    status = EXCLUDED.status, finished_at = EXCLUDED.finished_at,
+    duration_ms = EXCLUDED.duration_ms, result = EXCLUDED.result, error = EXCLUDED.error
+WHERE t.status = 'running'
+""",
+}
