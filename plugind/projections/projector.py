@@ -268,16 +268,13 @@ class Projector:
         # reset the connection). The bound keeps a wedged database from holding up shutdown,
         # and counts as Postgres being unreachable.
         with anyio.CancelScope(shield=True), anyio.fail_after(COMMIT_TIMEOUT_S):
-            started = time.perf_counter()
             applied = await self.commit(batch)
-            if self._metrics is not None:
-                self._metrics.projector_commit.observe(time.perf_counter() - started)
-                self._metrics.projector_events.inc(applied)
             await self.reader.ack(batch)
         return applied
 
     async def commit(self, batch: Sequence[LogEntry]) -> int:
         """Commit ``batch`` on the lock's connection, without acknowledging it."""
+        started = time.perf_counter()
         applied = await commit_batch(
             self.leader.connection,
             batch,
@@ -286,6 +283,9 @@ class Projector:
             isolate=self._isolate,
         )
         self._isolate = False
+        if self._metrics is not None:
+            self._metrics.projector_commit.observe(time.perf_counter() - started)
+            self._metrics.projector_events.inc(applied)
         return applied
 
     async def lag(self) -> int:
