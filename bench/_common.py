@@ -128,6 +128,7 @@ class Env:
         proc = subprocess.Popen(
             [sys.executable, "-m", "plugind.cli", "serve", "--role", roles],
             env=self.env(**extra),
+            cwd=CODE,  # `python -m` puts the working directory first on sys.path
         )
         daemon = Daemon(roles, proc)
         self.daemons.append(daemon)

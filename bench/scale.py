@@ -78,6 +78,7 @@ async def bench_rebuild(args: argparse.Namespace, report: Report) -> None:
         done = await anyio.run_process(
             [sys.executable, "-m", "plugind.cli", "projections", "rebuild"],
             env=env.env(),
+            cwd=CODE,
             check=False,
         )
         seconds = time.perf_counter() - started

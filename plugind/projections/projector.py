@@ -210,11 +210,7 @@ class Projector:
             if behind:
                 tg.start_soon(self._read_ahead, read_failure)
             try:
-                # as in run_once: a batch read is committed and acknowledged even when
-                # shutdown cancels us meanwhile
-                with anyio.CancelScope(shield=True), anyio.fail_after(COMMIT_TIMEOUT_S):
-                    await self.commit(batch)
-                    await self.reader.ack(batch)
+                await self._commit_and_ack(batch)
             except Exception as exc:
                 failure = exc
                 tg.cancel_scope.cancel()
@@ -263,6 +259,9 @@ class Projector:
         batch = await self.reader.read()
         if not batch:
             return 0
+        return await self._commit_and_ack(batch)
+
+    async def _commit_and_ack(self, batch: Sequence[LogEntry]) -> int:
         # A batch read is committed and acknowledged even when shutdown cancels us meanwhile:
         # cancelling inside the transaction would only throw the work away (and make asyncpg
         # reset the connection). The bound keeps a wedged database from holding up shutdown,
