@@ -18,6 +18,7 @@ import anyio
 import asyncpg
 import orjson
 from anyio.abc import TaskGroup, TaskStatus
+from backwards_plugins import write_bare, write_relayer
 from dify_wire import DifyApi, _drop_namespace
 from fake_dify import FakeDify
 
@@ -25,6 +26,7 @@ from plugind.bus.codec import EVENT_FIELD
 from plugind.client import Client
 from plugind.config import Settings
 from plugind.messages import AnyEvent, Installed, decode_event
+from plugind.package.difypkg import build_package
 
 TENANT = "tenant-b"
 API_KEY = "dify-key"
@@ -165,3 +167,25 @@ def text_messages(messages: list[Any]) -> list[str]:
 
 def dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+@contextlib.asynccontextmanager
+async def relayer_env(
+    *,
+    admin_database_url: str,
+    redis_url: str,
+    plugin_dir: Path,
+    workdir: Path,
+    **settings: Any,
+) -> AsyncIterator[BackwardsEnv]:
+    """:func:`backwards_env` with ``acme/relayer`` and its unpermitted twin ``acme/bare``."""
+    relayer = write_relayer(workdir / "relayer")
+    bare = write_bare(workdir / "bare")
+    async with backwards_env(
+        admin_database_url=admin_database_url,
+        redis_url=redis_url,
+        plugin_dir=plugin_dir,
+        packages=[build_package(relayer), build_package(bare)],
+        **settings,
+    ) as running:
+        yield running

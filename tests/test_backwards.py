@@ -13,13 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from backwards_env import TENANT, BackwardsEnv, backwards_env, json_messages, text_messages
-from backwards_plugins import MODEL_PROVIDER, STORAGE_SIZE, write_bare, write_relayer
+from backwards_env import (
+    TENANT,
+    BackwardsEnv,
+    json_messages,
+    relayer_env,
+    text_messages,
+)
+from backwards_plugins import MODEL_PROVIDER, STORAGE_SIZE
 from dify_wire import DifyApi, DifyRaised, StreamReply
 from fake_dify import KEY
 
 from plugind.messages import BackwardsInvoked, TaskFailed, TaskSucceeded
-from plugind.package.difypkg import build_package
 
 pytestmark = pytest.mark.anyio
 
@@ -33,13 +38,11 @@ async def env(
     shared_plugin_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[BackwardsEnv]:
-    relayer = write_relayer(tmp_path_factory.mktemp("relayer"))
-    bare = write_bare(tmp_path_factory.mktemp("bare"))
-    async with backwards_env(
+    async with relayer_env(
         admin_database_url=admin_database_url,
         redis_url=redis_url,
         plugin_dir=shared_plugin_dir,
-        packages=[build_package(relayer), build_package(bare)],
+        workdir=tmp_path_factory.mktemp("plugins"),
         dify_inner_api_read_timeout=READ_TIMEOUT,
     ) as running:
         yield running

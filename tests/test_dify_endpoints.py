@@ -17,11 +17,9 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from backwards_env import API_KEY, TENANT, BackwardsEnv, backwards_env
-from backwards_plugins import write_bare, write_relayer
+from backwards_env import API_KEY, TENANT, BackwardsEnv, relayer_env
 from dify_wire import DifyApi, DifyRaised, envelope_data
 
-from plugind.package.difypkg import build_package
 from plugind.projections._db import connect
 from plugind.projections.rebuild import read_models_equal_rebuild
 
@@ -38,13 +36,11 @@ async def env(
     shared_plugin_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[BackwardsEnv]:
-    relayer = write_relayer(tmp_path_factory.mktemp("relayer"))
-    bare = write_bare(tmp_path_factory.mktemp("bare"))
-    async with backwards_env(
+    async with relayer_env(
         admin_database_url=admin_database_url,
         redis_url=redis_url,
         plugin_dir=shared_plugin_dir,
-        packages=[build_package(relayer), build_package(bare)],
+        workdir=tmp_path_factory.mktemp("plugins"),
         endpoint_max_request_size=MAX_REQUEST,
     ) as running:
         yield running
